@@ -1,0 +1,1 @@
+"""Argus: IoT telemetry platform (project package: settings, tenancy, registry, Celery app)."""

@@ -1,0 +1,66 @@
+"""The public device registry: logical identifier -> tenant, kept in step with tenant devices."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from django.db import IntegrityError, connection
+
+from argus.models import DeviceRegistration, Organization
+
+if TYPE_CHECKING:
+    from devices.models import Device
+
+
+def current_tenant() -> Organization:
+    """The organization whose schema the connection is using."""
+    tenant = getattr(connection, "tenant", None)
+    if isinstance(tenant, Organization):
+        return tenant
+    return Organization.objects.get(schema_name=connection.schema_name)
+
+
+def registry_sync(*, devices: Iterable[Device]) -> None:
+    """Insert or update the registry rows of devices of the current tenant (one statement)."""
+    tenant = current_tenant()
+    rows = [
+        DeviceRegistration(logical_identifier=d.logical_identifier, tenant=tenant, device_id=d.pk)
+        for d in devices
+    ]
+    if not rows:
+        return
+    # A renamed device keeps its registry row keyed by (tenant, device_id).
+    DeviceRegistration.objects.filter(tenant=tenant, device_id__in=[r.device_id for r in rows]).exclude(
+        logical_identifier__in=[r.logical_identifier for r in rows]
+    ).delete()
+    # Upsert, but never take over another tenant's identifier: such a row is left alone and
+    # counted missing, which raises.
+    values = ", ".join(["(%s, %s, %s, now())"] * len(rows))
+    params: list[object] = []
+    for r in rows:
+        params += [r.logical_identifier, tenant.pk, r.device_id]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO public.device_registry (logical_identifier, tenant_id, device_id, created_at) "
+            f"VALUES {values} ON CONFLICT (logical_identifier) DO UPDATE SET device_id = EXCLUDED.device_id "
+            f"WHERE device_registry.tenant_id = EXCLUDED.tenant_id",
+            params,
+        )
+        if cursor.rowcount != len(rows):
+            raise IntegrityError("A logical identifier is already registered to another tenant.")
+
+
+def registry_remove(*, device_ids: Iterable[int]) -> None:
+    """Remove the registry rows of devices of the current tenant."""
+    DeviceRegistration.objects.filter(tenant=current_tenant(), device_id__in=list(device_ids)).delete()
+
+
+def registry_lookup(logical_identifier: str) -> str | None:
+    """The schema name of the tenant owning a logical identifier, or None."""
+    row = (
+        DeviceRegistration.objects.filter(logical_identifier=logical_identifier)
+        .values_list("tenant__schema_name", flat=True)
+        .first()
+    )
+    return row

@@ -1,0 +1,201 @@
+"""Argus settings: one env-driven module (see .env.example for every variable)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dj_database_url
+import django_stubs_ext
+from django.core.exceptions import ImproperlyConfigured
+
+# Lets generic admin/queryset annotations (ModelAdmin[Model]) run outside type checking.
+django_stubs_ext.monkeypatch()
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def _load_dotenv(path: Path) -> None:
+    # A `.env` beside manage.py fills in what the real environment does not set.
+    if not path.is_file():
+        return
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        os.environ.setdefault(key.strip(), value.strip().strip("'\""))
+
+
+_load_dotenv(BASE_DIR / ".env")
+
+
+def env(name: str, default: str = "") -> str:
+    """A string setting; `<NAME>_FILE` points at a file holding the value (for secrets)."""
+    file_path = os.environ.get(f"{name}_FILE")
+    if file_path:
+        return Path(file_path).read_text().strip()
+    return os.environ.get(name, default)
+
+
+def env_bool(name: str, default: bool = False) -> bool:
+    """A boolean setting: 1/true/yes/on are true."""
+    return env(name, "1" if default else "0").lower() in {"1", "true", "yes", "on"}
+
+
+def env_int(name: str, default: int) -> int:
+    """An integer setting."""
+    return int(env(name, str(default)))
+
+
+def env_float(name: str, default: float) -> float:
+    """A float setting."""
+    return float(env(name, str(default)))
+
+
+DEBUG = env_bool("DEBUG", False)
+TESTING = env_bool("ARGUS_TESTING", False)
+
+SECRET_KEY = env("SECRET_KEY")
+if not SECRET_KEY:
+    if not (DEBUG or TESTING):
+        raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off (see .env.example).")
+    SECRET_KEY = "argus-insecure-development-key"  # noqa: S105 - debug/test only
+
+ALLOWED_HOSTS = [h.strip() for h in env("ALLOWED_HOSTS", "*").split(",") if h.strip()]
+CSRF_TRUSTED_ORIGINS = [o.strip() for o in env("CSRF_TRUSTED_ORIGINS", "").split(",") if o.strip()]
+
+# --- Services -------------------------------------------------------------------------------
+DATABASE_URL = env("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/argus")
+REDIS_URL = env("REDIS_URL", "redis://127.0.0.1:6379/0")
+MQTT_URL = env("MQTT_URL", "mqtt://127.0.0.1:1883")
+NATS_URL = env("NATS_URL", "nats://127.0.0.1:4222")
+ARGUS_PKI_DIR = Path(env("ARGUS_PKI_DIR", str(BASE_DIR / ".pki")))
+
+DATABASES = {
+    "default": {
+        **dj_database_url.parse(DATABASE_URL, conn_max_age=env_int("DB_CONN_MAX_AGE", 60)),
+        "ENGINE": "django_tenants.postgresql_backend",
+    }
+}
+DATABASE_ROUTERS = ("django_tenants.routers.TenantSyncRouter",)
+
+CACHES = {
+    "default": {
+        "BACKEND": "django_redis.cache.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_FUNCTION": "django_tenants.cache.make_key",
+        "REVERSE_KEY_FUNCTION": "django_tenants.cache.reverse_key",
+        "OPTIONS": {"CLIENT_CLASS": "django_redis.client.DefaultClient"},
+    }
+}
+
+# --- Applications and tenancy ---------------------------------------------------------------
+SHARED_APPS = [
+    "django_tenants",
+    "argus",
+    "django.contrib.contenttypes",
+    "django.contrib.auth",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.admin",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "drf_spectacular",
+    "bridge",
+]
+# Users live in each tenant's schema: a tenant admin logs in at the tenant's own domain.
+TENANT_APPS = [
+    "django.contrib.contenttypes",
+    "django.contrib.auth",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.admin",
+    "devices",
+    "assets",
+    "telemetry",
+]
+INSTALLED_APPS = SHARED_APPS + [app for app in TENANT_APPS if app not in SHARED_APPS]
+
+TENANT_MODEL = "argus.Organization"
+TENANT_DOMAIN_MODEL = "argus.Domain"
+PUBLIC_SCHEMA_NAME = "public"
+PUBLIC_SCHEMA_URLCONF = "argus.urls_public"
+ROOT_URLCONF = "argus.urls"
+# Devices post to whatever host name they were given: unknown hosts get the public site,
+# where the ingestion API routes by credential, not by host.
+SHOW_PUBLIC_IF_NO_TENANT_FOUND = True
+
+MIDDLEWARE = [
+    "django_tenants.middleware.main.TenantMainMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+WSGI_APPLICATION = "argus.wsgi.application"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+if TESTING:
+    PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+
+REST_FRAMEWORK = {
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_AUTHENTICATION_CLASSES": [],
+    "DEFAULT_PERMISSION_CLASSES": [],
+    "UNAUTHENTICATED_USER": None,
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Argus API",
+    "DESCRIPTION": "IoT telemetry ingestion and platform API.",
+    "VERSION": "1.0.0",
+}
+
+# --- Pipeline -------------------------------------------------------------------------------
+# Largest MQTT/HTTP payload accepted (bytes); larger ones are dead-lettered / refused with 413.
+ARGUS_MAX_PAYLOAD_BYTES = env_int("ARGUS_MAX_PAYLOAD_BYTES", 256 * 1024)
+# Readings whose timestamp is further than this from the receive time are rejected.
+ARGUS_MAX_FUTURE_SECONDS = env_int("ARGUS_MAX_FUTURE_SECONDS", 24 * 3600)
+ARGUS_MAX_PAST_SECONDS = env_int("ARGUS_MAX_PAST_SECONDS", 365 * 24 * 3600)
+# Daily partitions of telemetry_history created ahead of time.
+ARGUS_PARTITION_DAYS_AHEAD = env_int("ARGUS_PARTITION_DAYS_AHEAD", 7)
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env("LOG_LEVEL", "INFO")},
+    "loggers": {"django.db.backends": {"level": "WARNING"}},
+}

@@ -1,0 +1,209 @@
+"""Device types (processing profiles), devices and their certificates (tenant schema)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
+from django.db import connection, models, transaction
+from django.db.models import F, Q
+
+from devices import validation
+
+logical_identifier_validator = RegexValidator(
+    r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$",
+    "Letters, digits and . _ : - only (it is an MQTT topic level), at most 128 characters.",
+)
+
+
+class ProcessingMode(models.TextChoices):
+    ENDPOINT = "endpoint", "Endpoint"
+    GATEWAY = "gateway", "Gateway (child devices)"
+    GATEWAY_CHUNKED = "gateway_chunked", "Chunked gateway"
+
+
+class ProtocolAdapter(models.TextChoices):
+    # Implemented in telemetry.adapters; the names are part of the stored profile.
+    ARGUS_JSON = "argus_json", "Argus JSON (endpoint / gateway / chunk shapes)"
+    FLAT_JSON = "flat_json", "Flat JSON object of metrics ({\"temperature\": 21.5, \"ts\": ...})"
+
+
+class DeviceType(models.Model):
+    """A device profile: how messages from devices of this type are decoded, validated and stored."""
+
+    name = models.CharField(max_length=120, unique=True)
+    description = models.TextField(blank=True)
+    processing_mode = models.CharField(
+        max_length=20, choices=ProcessingMode.choices, default=ProcessingMode.ENDPOINT
+    )
+    protocol_adapter = models.CharField(
+        max_length=40, choices=ProtocolAdapter.choices, default=ProtocolAdapter.ARGUS_JSON
+    )
+    message_schema = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="JSON Schema every message must satisfy (after decoding). Empty: shape checks only.",
+    )
+    metrics = models.JSONField(
+        default=list,
+        blank=True,
+        help_text='Metric keys devices of this type report, e.g. ["temperature", "humidity"].',
+    )
+    auto_register_children = models.BooleanField(
+        default=False, help_text="Gateways: register unknown child ids automatically under the gateway."
+    )
+    child_device_type = models.ForeignKey(
+        "self",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+        help_text="Type given to automatically registered children (empty: the gateway's own type).",
+    )
+    max_children = models.PositiveIntegerField(
+        default=5000, validators=[MinValueValidator(1)], help_text="Most children in one message."
+    )
+    chunk_ttl_seconds = models.PositiveIntegerField(
+        default=60,
+        validators=[MinValueValidator(1), MaxValueValidator(3600)],
+        help_text="Chunked gateways: seconds from the first chunk until an incomplete transaction expires.",
+    )
+    max_chunks = models.PositiveIntegerField(
+        default=100,
+        validators=[MinValueValidator(1), MaxValueValidator(10000)],
+        help_text="Chunked gateways: the largest `total` accepted.",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        db_table = "device_types"
+        ordering = ["name"]
+        constraints = [
+            models.CheckConstraint(condition=Q(chunk_ttl_seconds__gte=1), name="device_types_chunk_ttl_positive"),
+            models.CheckConstraint(condition=Q(max_chunks__gte=1), name="device_types_max_chunks_positive"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def clean(self) -> None:
+        errors: dict[str, list[str]] = {}
+        errors.update(validation.message_schema_errors(self.message_schema))
+        errors.update(validation.metric_key_list_errors("metrics", self.metrics))
+        if self.auto_register_children and self.processing_mode == ProcessingMode.ENDPOINT:
+            errors.setdefault("auto_register_children", []).append("Only gateways have children.")
+        if errors:
+            raise ValidationError(errors)
+
+
+class DeviceRole(models.TextChoices):
+    STANDALONE = "standalone", "Standalone"
+    GATEWAY = "gateway", "Gateway"
+    CHILD = "child", "Child of a gateway"
+
+
+class DeviceProtocol(models.TextChoices):
+    MQTT = "mqtt", "MQTT"
+    MQTTS = "mqtts", "MQTT over mTLS"
+    HTTP = "http", "HTTP"
+
+
+class DeviceStatus(models.TextChoices):
+    ACTIVE = "active", "Active"
+    DISABLED = "disabled", "Disabled"
+
+
+class Device(models.Model):
+    """A physical or logical device; its logical identifier is unique across the whole platform."""
+
+    device_type = models.ForeignKey(DeviceType, on_delete=models.PROTECT, related_name="devices")
+    name = models.CharField(max_length=200)
+    logical_identifier = models.CharField(
+        max_length=128, unique=True, validators=[logical_identifier_validator]
+    )
+    device_role = models.CharField(max_length=20, choices=DeviceRole.choices, default=DeviceRole.STANDALONE)
+    parent_device = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.PROTECT, related_name="children"
+    )
+    network_metadata = models.JSONField(default=dict, blank=True)
+    protocol = models.CharField(max_length=10, choices=DeviceProtocol.choices, default=DeviceProtocol.MQTT)
+    status = models.CharField(max_length=20, choices=DeviceStatus.choices, default=DeviceStatus.ACTIVE)
+    metadata = models.JSONField(default=dict, blank=True)
+    last_seen = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        db_table = "devices"
+        ordering = ["logical_identifier"]
+        constraints = [
+            models.CheckConstraint(
+                condition=~Q(device_role=DeviceRole.CHILD) | Q(parent_device__isnull=False),
+                name="devices_child_has_parent",
+            ),
+            models.CheckConstraint(condition=~Q(parent_device=F("id")), name="devices_not_own_parent"),
+        ]
+        indexes = [models.Index(fields=["parent_device"], name="devices_parent_idx")]
+
+    def __str__(self) -> str:
+        return self.logical_identifier
+
+    def clean(self) -> None:
+        from argus.models import DeviceRegistration
+
+        errors: dict[str, list[str]] = {}
+        if self.device_role == DeviceRole.CHILD and self.parent_device_id is None:
+            errors.setdefault("parent_device", []).append("A child device needs its gateway.")
+        if self.parent_device_id is not None and self.parent_device_id == self.pk:
+            errors.setdefault("parent_device", []).append("A device cannot be its own parent.")
+        if self.logical_identifier:
+            taken = DeviceRegistration.objects.filter(logical_identifier=self.logical_identifier).exclude(
+                tenant__schema_name=connection.schema_name, device_id=self.pk or 0
+            )
+            if taken.exists():
+                errors.setdefault("logical_identifier", []).append(
+                    "This logical identifier is already used on this platform."
+                )
+        if errors:
+            raise ValidationError(errors)
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        from argus.registry import registry_sync
+
+        with transaction.atomic():
+            super().save(*args, **kwargs)
+            registry_sync(devices=[self])
+
+    def delete(self, *args: Any, **kwargs: Any) -> tuple[int, dict[str, int]]:
+        from argus.registry import registry_remove
+
+        with transaction.atomic():
+            registry_remove(device_ids=[self.pk])
+            return super().delete(*args, **kwargs)
+
+
+class DeviceCertificate(models.Model):
+    """An X.509 client certificate our CA issued to a device (public part only)."""
+
+    device = models.ForeignKey(Device, on_delete=models.CASCADE, related_name="certificates")
+    serial_number = models.CharField(max_length=64, unique=True)
+    fingerprint_sha256 = models.CharField(max_length=64, unique=True)
+    subject_cn = models.CharField(max_length=128)
+    not_before = models.DateTimeField()
+    not_after = models.DateTimeField()
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    revocation_reason = models.CharField(max_length=64, blank=True)
+    pem = models.TextField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        db_table = "device_certificates"
+        ordering = ["-not_before"]
+        constraints = [
+            models.CheckConstraint(condition=Q(not_after__gt=F("not_before")), name="device_certs_valid_period"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.subject_cn} #{self.serial_number}"
