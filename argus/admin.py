@@ -17,24 +17,40 @@ def on_public_schema() -> bool:
     return bool(connection.schema_name == get_public_schema_name())
 
 
-class PublicOnlyAdmin(admin.ModelAdmin[Any]):
-    """Shown only on the platform site: these tables live in the public schema."""
+class SchemaScopedAdmin(admin.ModelAdmin[Any]):
+    """Shows a model only on the sites whose schema holds its table (public or tenant)."""
+
+    public_only = False
+
+    def _on_its_schema(self) -> bool:
+        return on_public_schema() == self.public_only
 
     def has_module_permission(self, request: HttpRequest) -> bool:
-        return on_public_schema() and super().has_module_permission(request)
+        return self._on_its_schema() and super().has_module_permission(request)
 
     def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return on_public_schema() and super().has_view_permission(request, obj)
+        return self._on_its_schema() and super().has_view_permission(request, obj)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return self._on_its_schema() and super().has_add_permission(request)
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return self._on_its_schema() and super().has_change_permission(request, obj)
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return self._on_its_schema() and super().has_delete_permission(request, obj)
 
 
-class TenantOnlyAdmin(admin.ModelAdmin[Any]):
-    """Shown only on a tenant's site: these tables live in the tenant schemas."""
+class PublicOnlyAdmin(SchemaScopedAdmin):
+    """Platform tables (public schema)."""
 
-    def has_module_permission(self, request: HttpRequest) -> bool:
-        return not on_public_schema() and super().has_module_permission(request)
+    public_only = True
 
-    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return not on_public_schema() and super().has_view_permission(request, obj)
+
+class TenantOnlyAdmin(SchemaScopedAdmin):
+    """Tenant tables (each tenant's schema)."""
+
+    public_only = False
 
 
 class DomainInline(admin.TabularInline[Domain, Organization]):

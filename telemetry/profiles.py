@@ -1,0 +1,265 @@
+"""Device and device-type lookups for the hot path: in-process, then Redis, then PostgreSQL.
+
+A change to a device or type (admin, API, shell) publishes an invalidation on Redis after its
+transaction commits; every running process drops its copy, so an edit takes effect within
+moments without a restart. A TTL bounds staleness should an invalidation ever be missed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import jsonschema
+from django.core.cache import cache
+from django.db import transaction
+from django_redis import get_redis_connection
+from prometheus_client import Counter
+
+from devices.models import Device, DeviceType
+
+log = logging.getLogger(__name__)
+
+INVALIDATION_CHANNEL = "argus:profile-invalidation"
+LOCAL_TTL_SECONDS = 60.0
+REDIS_TTL_SECONDS = 600
+MISSING_TTL_SECONDS = 5.0
+
+CACHE_LOOKUPS = Counter(
+    "argus_profile_cache_lookups_total", "Profile lookups by kind and where they were answered", ["kind", "source"]
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceProfile:
+    """What the pipeline needs to know about a device."""
+
+    id: int
+    logical_identifier: str
+    device_type_id: int
+    parent_device_id: int | None
+    device_role: str
+    status: str
+
+
+@dataclass(frozen=True)
+class TypeProfile:
+    """What the pipeline needs to know about a device type, with its schema compiled."""
+
+    id: int
+    name: str
+    processing_mode: str
+    protocol_adapter: str
+    message_schema: dict[str, Any]
+    auto_register_children: bool
+    child_device_type_id: int | None
+    max_children: int
+    chunk_ttl_seconds: int
+    max_chunks: int
+    validator: Any = field(default=None, compare=False, repr=False)
+
+    def with_validator(self) -> TypeProfile:
+        """This profile with its JSON Schema compiled (validators are not stored in Redis)."""
+        validator = None
+        if self.message_schema:
+            validator = jsonschema.validators.validator_for(self.message_schema)(self.message_schema)
+        return TypeProfile(**{**_fields(self), "validator": validator})
+
+    def schema_error(self, document: Any) -> str | None:
+        """The first JSON Schema violation of a document, or None."""
+        if self.validator is None:
+            return None
+        error = jsonschema.exceptions.best_match(self.validator.iter_errors(document))
+        if error is None:
+            return None
+        where = "/".join(str(p) for p in error.absolute_path) or "(root)"
+        return f"schema: {where}: {error.message[:300]}"
+
+
+def _fields(profile: TypeProfile) -> dict[str, Any]:
+    values = {k: getattr(profile, k) for k in profile.__dataclass_fields__}
+    values.pop("validator")
+    return values
+
+
+def device_profile_of(device: Device) -> DeviceProfile:
+    """The profile of a device row."""
+    return DeviceProfile(
+        id=device.pk,
+        logical_identifier=device.logical_identifier,
+        device_type_id=device.device_type_id,
+        parent_device_id=device.parent_device_id,
+        device_role=device.device_role,
+        status=device.status,
+    )
+
+
+def type_profile_of(device_type: DeviceType) -> TypeProfile:
+    """The profile of a device type row."""
+    return TypeProfile(
+        id=device_type.pk,
+        name=device_type.name,
+        processing_mode=device_type.processing_mode,
+        protocol_adapter=device_type.protocol_adapter,
+        message_schema=device_type.message_schema or {},
+        auto_register_children=device_type.auto_register_children,
+        child_device_type_id=device_type.child_device_type_id,
+        max_children=device_type.max_children,
+        chunk_ttl_seconds=device_type.chunk_ttl_seconds,
+        max_chunks=device_type.max_chunks,
+    ).with_validator()
+
+
+class ProfileCache:
+    """Two-level cache of device and type profiles, per tenant schema. Not shared across threads
+    for writes other than invalidation, which only removes entries."""
+
+    def __init__(self) -> None:
+        self._local: dict[tuple[str, str, str], tuple[float, Any]] = {}
+        self._lock = threading.Lock()
+
+    # -- lookups (call inside the tenant's schema_context) --
+
+    def device(self, schema: str, logical_id: str) -> DeviceProfile | None:
+        """The device with this logical identifier in the tenant, or None."""
+        return self._get("device", schema, logical_id, lambda: self._load_device(logical_id))
+
+    def device_type(self, schema: str, type_id: int) -> TypeProfile | None:
+        """The device type with this id in the tenant, or None."""
+        return self._get("type", schema, str(type_id), lambda: self._load_type(type_id))
+
+    def devices(self, schema: str, logical_ids: list[str]) -> dict[str, DeviceProfile]:
+        """Profiles of many devices (one query for those not cached)."""
+        found: dict[str, DeviceProfile] = {}
+        missing = []
+        now = time.monotonic()
+        for logical_id in logical_ids:
+            entry = self._local.get(("device", schema, logical_id))
+            if entry is not None and entry[0] > now:
+                CACHE_LOOKUPS.labels("device", "local").inc()
+                if entry[1] is not None:
+                    found[logical_id] = entry[1]
+            else:
+                missing.append(logical_id)
+        if missing:
+            CACHE_LOOKUPS.labels("device", "database").inc(len(missing))
+            loaded = {
+                d.logical_identifier: device_profile_of(d)
+                for d in Device.objects.filter(logical_identifier__in=missing)
+            }
+            for logical_id in missing:
+                self._remember("device", schema, logical_id, loaded.get(logical_id))
+            found.update(loaded)
+        return found
+
+    def remember_device(self, schema: str, profile: DeviceProfile) -> None:
+        """Store a profile just created by this process."""
+        self._remember("device", schema, profile.logical_identifier, profile)
+
+    # -- invalidation --
+
+    def invalidate(self, kind: str, schema: str, key: str) -> None:
+        """Forget one entry here (other processes hear about it through Redis)."""
+        with self._lock:
+            self._local.pop((kind, schema, key), None)
+
+    def clear(self) -> None:
+        """Forget everything held in this process."""
+        with self._lock:
+            self._local.clear()
+
+    # -- internals --
+
+    def _get(self, kind: str, schema: str, key: str, load: Callable[[], Any]) -> Any:
+        now = time.monotonic()
+        entry = self._local.get((kind, schema, key))
+        if entry is not None and entry[0] > now:
+            CACHE_LOOKUPS.labels(kind, "local").inc()
+            return entry[1]
+        redis_key = _redis_key(kind, schema, key)
+        stored = cache.get(redis_key)
+        if stored is not None:
+            CACHE_LOOKUPS.labels(kind, "redis").inc()
+            value = TypeProfile(**stored).with_validator() if kind == "type" else DeviceProfile(**stored)
+        else:
+            CACHE_LOOKUPS.labels(kind, "database").inc()
+            value = load()
+            if value is not None:
+                cache.set(redis_key, _fields(value) if kind == "type" else asdict(value), REDIS_TTL_SECONDS)
+        self._remember(kind, schema, key, value)
+        return value
+
+    def _remember(self, kind: str, schema: str, key: str, value: Any) -> None:
+        ttl = LOCAL_TTL_SECONDS if value is not None else MISSING_TTL_SECONDS
+        with self._lock:
+            self._local[(kind, schema, key)] = (time.monotonic() + ttl, value)
+
+    @staticmethod
+    def _load_device(logical_id: str) -> DeviceProfile | None:
+        device = Device.objects.filter(logical_identifier=logical_id).first()
+        return device_profile_of(device) if device else None
+
+    @staticmethod
+    def _load_type(type_id: int) -> TypeProfile | None:
+        device_type = DeviceType.objects.filter(pk=type_id).first()
+        return type_profile_of(device_type) if device_type else None
+
+
+def _redis_key(kind: str, schema: str, key: str) -> str:
+    return f"profile:{kind}:{schema}:{key}"
+
+
+def publish_invalidation(kind: str, schema: str, key: str) -> None:
+    """After the current transaction commits, drop a profile from Redis and tell every process."""
+
+    def send() -> None:
+        try:
+            cache.delete(_redis_key(kind, schema, key))
+            get_redis_connection("default").publish(
+                INVALIDATION_CHANNEL, json.dumps({"kind": kind, "schema": schema, "key": key})
+            )
+        except Exception:
+            # The edit itself is committed; running processes pick it up when the TTL runs out.
+            log.exception("profile invalidation failed kind=%s schema=%s key=%s", kind, schema, key)
+
+    transaction.on_commit(send)
+
+
+class InvalidationListener:
+    """A daemon thread that applies invalidations published by other processes to a cache."""
+
+    def __init__(self, profiles: ProfileCache) -> None:
+        self.profiles = profiles
+        self._thread = threading.Thread(target=self._run, name="profile-invalidation", daemon=True)
+        self._stop = threading.Event()
+        self.ready = threading.Event()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                pubsub = get_redis_connection("default").pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(INVALIDATION_CHANNEL)
+                # Anything changed while we were not listening is unknown: start afresh.
+                self.profiles.clear()
+                self.ready.set()
+                while not self._stop.is_set():
+                    message = pubsub.get_message(timeout=1.0)
+                    if message is None:
+                        continue
+                    data = json.loads(message["data"])
+                    self.profiles.invalidate(data["kind"], data["schema"], data["key"])
+            except Exception:
+                log.exception("profile invalidation listener lost Redis; retrying in 1 s")
+                self.ready.clear()
+                time.sleep(1.0)

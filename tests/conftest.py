@@ -1,0 +1,135 @@
+"""Shared fixtures: two committed tenants on the real PostgreSQL test database, and personas.
+
+Tenants are created once per session (creating one migrates a schema) and committed, so that
+processes started by integration tests (runbridge, runingest, celery) see them too. Unit tests
+run inside a transaction that is rolled back; integration tests use `live_db` and unique ids.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.db import connection
+from django.test import Client
+from django_tenants.utils import schema_context
+
+from argus.models import Domain, Organization
+from devices.models import Device, DeviceType, ProcessingMode
+
+
+@dataclass
+class TenantPersona:
+    """A tenant with the host name its site answers on."""
+
+    tenant: Organization
+    host: str
+
+    @property
+    def schema(self) -> str:
+        return self.tenant.schema_name
+
+
+def _ensure_tenant(schema: str, host: str) -> TenantPersona:
+    tenant = Organization.objects.filter(schema_name=schema).first()
+    if tenant is None:
+        tenant = Organization.objects.create(schema_name=schema, name=f"Tenant {schema}")
+    Domain.objects.get_or_create(domain=host, defaults={"tenant": tenant, "is_primary": True})
+    return TenantPersona(tenant=tenant, host=host)
+
+
+@pytest.fixture(autouse=True)
+def public_schema_first() -> Iterator[None]:
+    """Each test starts on the public schema (a request through the test client leaves the
+    connection on the tenant it served)."""
+    connection.set_schema_to_public()
+    yield
+    connection.set_schema_to_public()
+
+
+@pytest.fixture(scope="session")
+def tenants(django_db_setup: Any, django_db_blocker: Any) -> dict[str, TenantPersona]:
+    """Tenants `alpha` and `beta`, committed for the whole session."""
+    with django_db_blocker.unblock():
+        return {
+            "alpha": _ensure_tenant("alpha", "alpha.test"),
+            "beta": _ensure_tenant("beta", "beta.test"),
+        }
+
+
+@pytest.fixture
+def alpha(tenants: dict[str, TenantPersona]) -> TenantPersona:
+    return tenants["alpha"]
+
+
+@pytest.fixture
+def beta(tenants: dict[str, TenantPersona]) -> TenantPersona:
+    return tenants["beta"]
+
+
+@pytest.fixture
+def in_alpha(db: None, alpha: TenantPersona) -> Iterator[TenantPersona]:
+    """Run the test (rolled back afterwards) inside tenant alpha's schema."""
+    connection.set_tenant(alpha.tenant)
+    try:
+        yield alpha
+    finally:
+        connection.set_schema_to_public()
+
+
+@pytest.fixture
+def live_db(tenants: dict[str, TenantPersona], django_db_blocker: Any) -> Iterator[None]:
+    """Committed database access, for tests whose data other processes must see."""
+    with django_db_blocker.unblock():
+        try:
+            yield
+        finally:
+            connection.set_schema_to_public()
+
+
+def unique_id(prefix: str) -> str:
+    """A logical identifier no other test (or earlier run) uses."""
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def make_device_type(**overrides: Any) -> DeviceType:
+    """A valid endpoint device type in the current schema."""
+    values: dict[str, Any] = {
+        "name": unique_id("type"),
+        "processing_mode": ProcessingMode.ENDPOINT,
+        "metrics": ["temperature", "humidity"],
+        "message_schema": {
+            "type": "object",
+            "properties": {"values": {"type": "object", "properties": {"temperature": {"type": "number"}}}},
+        },
+    }
+    values.update(overrides)
+    device_type = DeviceType(**values)
+    device_type.full_clean()
+    device_type.save()
+    return device_type
+
+
+def make_device(device_type: DeviceType, **overrides: Any) -> Device:
+    """A device of the given type in the current schema, registered platform-wide."""
+    values: dict[str, Any] = {"name": "test device", "logical_identifier": unique_id("DEV")}
+    values.update(overrides)
+    return Device.objects.create(device_type=device_type, **values)
+
+
+def tenant_admin_client(persona: TenantPersona) -> Client:
+    """A browser logged in as a superuser of the given tenant, on that tenant's host."""
+    with schema_context(persona.schema):
+        user_model = get_user_model()
+        username = unique_id("admin")
+        user_model._default_manager.create_superuser(  # type: ignore[attr-defined]
+            username=username, email=f"{username}@example.com", password="pw-for-tests"
+        )
+        # Sessions live in the tenant's schema too, so log in while it is active.
+        client = Client(HTTP_HOST=persona.host)
+        assert client.login(username=username, password="pw-for-tests")
+    return client
