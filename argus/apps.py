@@ -6,3 +6,7 @@ class ArgusConfig(AppConfig):
 
     name = "argus"
     verbose_name = "Platform"
+
+    def ready(self) -> None:
+        # Binds @shared_task to our tenant-aware app in every process that sends tasks.
+        from argus import celery  # noqa: F401

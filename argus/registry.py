@@ -13,21 +13,28 @@ if TYPE_CHECKING:
     from devices.models import Device
 
 
+def current_schema() -> str:
+    """The schema the connection is using (django-tenants keeps it on the connection)."""
+    return str(getattr(connection, "schema_name", "public"))
+
+
+def use_public_schema() -> None:
+    """Point the connection back at the public schema."""
+    connection.set_schema_to_public()  # type: ignore[attr-defined]
+
+
 def current_tenant() -> Organization:
     """The organization whose schema the connection is using."""
     tenant = getattr(connection, "tenant", None)
     if isinstance(tenant, Organization):
         return tenant
-    return Organization.objects.get(schema_name=connection.schema_name)
+    return Organization.objects.get(schema_name=current_schema())
 
 
 def registry_sync(*, devices: Iterable[Device]) -> None:
     """Insert or update the registry rows of devices of the current tenant (one statement)."""
     tenant = current_tenant()
-    rows = [
-        DeviceRegistration(logical_identifier=d.logical_identifier, tenant=tenant, device_id=d.pk)
-        for d in devices
-    ]
+    rows = [DeviceRegistration(logical_identifier=d.logical_identifier, tenant=tenant, device_id=d.pk) for d in devices]
     if not rows:
         return
     # A renamed device keeps its registry row keyed by (tenant, device_id).
@@ -37,7 +44,7 @@ def registry_sync(*, devices: Iterable[Device]) -> None:
     # Upsert, but never take over another tenant's identifier: such a row is left alone and
     # counted missing, which raises.
     values = ", ".join(["(%s, %s, %s, now())"] * len(rows))
-    params: list[object] = []
+    params: list[str | int] = []
     for r in rows:
         params += [r.logical_identifier, tenant.pk, r.device_id]
     with connection.cursor() as cursor:

@@ -103,7 +103,7 @@ def _seed_tenant(data: dict[str, Any], report: SeedReport, admin_password: str) 
     user_model = get_user_model()
     admin = data["admin"]
     if not user_model._default_manager.filter(username=admin["username"]).exists():
-        user_model._default_manager.create_superuser(  # type: ignore[attr-defined]
+        user_model._default_manager.create_superuser(
             username=admin["username"], email=admin["email"], password=admin_password
         )
         report.admin_password = admin_password

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import dj_database_url
 import django_stubs_ext
@@ -170,7 +171,7 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
 
-REST_FRAMEWORK = {
+REST_FRAMEWORK: dict[str, Any] = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_AUTHENTICATION_CLASSES": [],
     "DEFAULT_PERMISSION_CLASSES": [],
@@ -198,4 +199,42 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", "INFO")},
     "loggers": {"django.db.backends": {"level": "WARNING"}},
+}
+
+# JetStream (see telemetry/jetstream.py for what each limit protects).
+ARGUS_STREAM_MAX_BYTES = env_int("ARGUS_STREAM_MAX_BYTES", 8 * 1024**3)
+ARGUS_DEADLETTER_MAX_BYTES = env_int("ARGUS_DEADLETTER_MAX_BYTES", 1024**3)
+ARGUS_INGEST_MAX_DELIVER = env_int("ARGUS_INGEST_MAX_DELIVER", 5)
+ARGUS_INGEST_ACK_WAIT_SECONDS = env_float("ARGUS_INGEST_ACK_WAIT_SECONDS", 30.0)
+ARGUS_INGEST_MAX_ACK_PENDING = env_int("ARGUS_INGEST_MAX_ACK_PENDING", 20000)
+ARGUS_INGEST_BATCH = env_int("ARGUS_INGEST_BATCH", 1000)
+ARGUS_INGEST_BATCH_WAIT_SECONDS = env_float("ARGUS_INGEST_BATCH_WAIT_SECONDS", 0.05)
+# Bridge: MQTT client id (a persistent session is kept under it), optional shared-subscription
+# group so several bridges split the load, and how many publishes may await their PubAck.
+ARGUS_BRIDGE_CLIENT_ID = env("ARGUS_BRIDGE_CLIENT_ID", "argus-bridge-1")
+ARGUS_BRIDGE_SHARE_GROUP = env("ARGUS_BRIDGE_SHARE_GROUP", "")
+ARGUS_BRIDGE_MAX_INFLIGHT = env_int("ARGUS_BRIDGE_MAX_INFLIGHT", 5000)
+ARGUS_BRIDGE_SESSION_EXPIRY_SECONDS = env_int("ARGUS_BRIDGE_SESSION_EXPIRY_SECONDS", 7 * 24 * 3600)
+# mTLS client credential of the bridge when MQTT_URL is mqtts:// (files from `pki issue-client`).
+ARGUS_BRIDGE_CERT = env("ARGUS_BRIDGE_CERT", str(ARGUS_PKI_DIR / "clients" / "argus-bridge.crt"))
+ARGUS_BRIDGE_KEY = env("ARGUS_BRIDGE_KEY", str(ARGUS_PKI_DIR / "clients" / "argus-bridge.key"))
+ARGUS_BRIDGE_CA = env("ARGUS_BRIDGE_CA", str(ARGUS_PKI_DIR / "ca.crt"))
+# Prometheus metrics ports of the long-running commands (0 = off).
+ARGUS_BRIDGE_METRICS_PORT = env_int("ARGUS_BRIDGE_METRICS_PORT", 9101)
+ARGUS_INGEST_METRICS_PORT = env_int("ARGUS_INGEST_METRICS_PORT", 9102)
+
+# --- Celery -------------------------------------------------------------------------------
+# Durable by default: a task is acknowledged after it ran, and one whose worker died is given
+# to another worker; every task is idempotent so running twice is harmless.
+CELERY_BROKER_URL = env("CELERY_BROKER_URL", REDIS_URL)
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 300)}
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_BEAT_SCHEDULE = {
+    "partitions-ensure": {"task": "telemetry.tasks.partitions_ensure_all", "schedule": 3600.0},
+    "health-recompute": {"task": "assets.tasks.health_recompute_all", "schedule": 300.0},
 }

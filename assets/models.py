@@ -76,7 +76,9 @@ class AssetType(models.Model):
 
         algorithm = ALGORITHMS.get(self.health_algorithm)
         if algorithm is not None:
-            errors.update(json_document_errors("health_parameters", self.health_parameters, algorithm.parameters_schema))
+            errors.update(
+                json_document_errors("health_parameters", self.health_parameters, algorithm.parameters_schema)
+            )
             if "health_parameters" not in errors:
                 unknown = sorted(algorithm.referenced_metrics(self.health_parameters) - defined)
                 if unknown:
@@ -110,7 +112,9 @@ class Asset(models.Model):
     name = models.CharField(max_length=200, unique=True)
     location = models.CharField(max_length=200, blank=True)
     metadata = models.JSONField(default=dict, blank=True)
-    devices = models.ManyToManyField(Device, through="AssetDevice", related_name="assets", blank=True)
+    devices: models.ManyToManyField[Device, AssetDevice] = models.ManyToManyField(
+        Device, through="AssetDevice", related_name="assets", blank=True
+    )
     health_score = models.DecimalField(
         max_digits=5,
         decimal_places=2,
@@ -226,7 +230,9 @@ class ThresholdRule(models.Model):
             errors["asset_type"] = ["Choose an asset type or an asset."]
         if self.operator in RANGE_OPERATORS and (self.threshold_high is None or self.threshold_high <= self.threshold):
             errors["threshold_high"] = ["Range operators need threshold_high above threshold."]
-        asset_type = self.asset_type if self.asset_type_id else (self.asset.asset_type if self.asset_id else None)
+        asset_type = self.asset_type if self.asset_type_id else None
+        if asset_type is None and self.asset is not None:
+            asset_type = self.asset.asset_type
         if asset_type is not None and self.metric not in asset_type.metric_keys():
             errors["metric"] = [f"{asset_type} defines no metric {self.metric!r}."]
         if errors:

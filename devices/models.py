@@ -6,7 +6,7 @@ from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
-from django.db import connection, models, transaction
+from django.db import models, transaction
 from django.db.models import F, Q
 
 from devices import validation
@@ -26,7 +26,7 @@ class ProcessingMode(models.TextChoices):
 class ProtocolAdapter(models.TextChoices):
     # Implemented in telemetry.adapters; the names are part of the stored profile.
     ARGUS_JSON = "argus_json", "Argus JSON (endpoint / gateway / chunk shapes)"
-    FLAT_JSON = "flat_json", "Flat JSON object of metrics ({\"temperature\": 21.5, \"ts\": ...})"
+    FLAT_JSON = "flat_json", 'Flat JSON object of metrics ({"temperature": 21.5, "ts": ...})'
 
 
 class DeviceType(models.Model):
@@ -34,9 +34,7 @@ class DeviceType(models.Model):
 
     name = models.CharField(max_length=120, unique=True)
     description = models.TextField(blank=True)
-    processing_mode = models.CharField(
-        max_length=20, choices=ProcessingMode.choices, default=ProcessingMode.ENDPOINT
-    )
+    processing_mode = models.CharField(max_length=20, choices=ProcessingMode.choices, default=ProcessingMode.ENDPOINT)
     protocol_adapter = models.CharField(
         max_length=40, choices=ProtocolAdapter.choices, default=ProtocolAdapter.ARGUS_JSON
     )
@@ -120,13 +118,9 @@ class Device(models.Model):
 
     device_type = models.ForeignKey(DeviceType, on_delete=models.PROTECT, related_name="devices")
     name = models.CharField(max_length=200)
-    logical_identifier = models.CharField(
-        max_length=128, unique=True, validators=[logical_identifier_validator]
-    )
+    logical_identifier = models.CharField(max_length=128, unique=True, validators=[logical_identifier_validator])
     device_role = models.CharField(max_length=20, choices=DeviceRole.choices, default=DeviceRole.STANDALONE)
-    parent_device = models.ForeignKey(
-        "self", null=True, blank=True, on_delete=models.PROTECT, related_name="children"
-    )
+    parent_device = models.ForeignKey("self", null=True, blank=True, on_delete=models.PROTECT, related_name="children")
     network_metadata = models.JSONField(default=dict, blank=True)
     protocol = models.CharField(max_length=10, choices=DeviceProtocol.choices, default=DeviceProtocol.MQTT)
     status = models.CharField(max_length=20, choices=DeviceStatus.choices, default=DeviceStatus.ACTIVE)
@@ -150,25 +144,6 @@ class Device(models.Model):
     def __str__(self) -> str:
         return self.logical_identifier
 
-    def clean(self) -> None:
-        from argus.models import DeviceRegistration
-
-        errors: dict[str, list[str]] = {}
-        if self.device_role == DeviceRole.CHILD and self.parent_device_id is None:
-            errors.setdefault("parent_device", []).append("A child device needs its gateway.")
-        if self.parent_device_id is not None and self.parent_device_id == self.pk:
-            errors.setdefault("parent_device", []).append("A device cannot be its own parent.")
-        if self.logical_identifier:
-            taken = DeviceRegistration.objects.filter(logical_identifier=self.logical_identifier).exclude(
-                tenant__schema_name=connection.schema_name, device_id=self.pk or 0
-            )
-            if taken.exists():
-                errors.setdefault("logical_identifier", []).append(
-                    "This logical identifier is already used on this platform."
-                )
-        if errors:
-            raise ValidationError(errors)
-
     def save(self, *args: Any, **kwargs: Any) -> None:
         from argus.registry import registry_sync
 
@@ -182,6 +157,26 @@ class Device(models.Model):
         with transaction.atomic():
             registry_remove(device_ids=[self.pk])
             return super().delete(*args, **kwargs)
+
+    def clean(self) -> None:
+        from argus.models import DeviceRegistration
+        from argus.registry import current_schema
+
+        errors: dict[str, list[str]] = {}
+        if self.device_role == DeviceRole.CHILD and self.parent_device_id is None:
+            errors.setdefault("parent_device", []).append("A child device needs its gateway.")
+        if self.parent_device_id is not None and self.parent_device_id == self.pk:
+            errors.setdefault("parent_device", []).append("A device cannot be its own parent.")
+        if self.logical_identifier:
+            taken = DeviceRegistration.objects.filter(logical_identifier=self.logical_identifier).exclude(
+                tenant__schema_name=current_schema(), device_id=self.pk or 0
+            )
+            if taken.exists():
+                errors.setdefault("logical_identifier", []).append(
+                    "This logical identifier is already used on this platform."
+                )
+        if errors:
+            raise ValidationError(errors)
 
 
 class DeviceCertificate(models.Model):

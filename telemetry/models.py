@@ -25,7 +25,7 @@ class TelemetryRaw(models.Model):
 
     device = models.ForeignKey(Device, null=True, on_delete=models.PROTECT, related_name="+")
     logical_identifier = models.CharField(max_length=128)
-    msg_id = models.CharField(max_length=200, null=True, blank=True)
+    msg_id = models.CharField(max_length=200, null=True, blank=True)  # noqa: DJ001 - contract: null when none
     # Idempotency key: `<logical id>/m/<msg_id>` when the message carries one, else the id the
     # bridge or HTTP endpoint gave it; a redelivered message never makes a second row.
     ingest_key = models.CharField(max_length=400, unique=True)

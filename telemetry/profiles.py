@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import jsonschema
 from django.core.cache import cache
@@ -230,11 +230,19 @@ def publish_invalidation(kind: str, schema: str, key: str) -> None:
     transaction.on_commit(send)
 
 
+class Invalidatable(Protocol):
+    """A cache that can drop one entry or everything."""
+
+    def invalidate(self, kind: str, schema: str, key: str) -> None: ...
+
+    def clear(self) -> None: ...
+
+
 class InvalidationListener:
     """A daemon thread that applies invalidations published by other processes to a cache."""
 
-    def __init__(self, profiles: ProfileCache) -> None:
-        self.profiles = profiles
+    def __init__(self, cache: Invalidatable) -> None:
+        self.cache = cache
         self._thread = threading.Thread(target=self._run, name="profile-invalidation", daemon=True)
         self._stop = threading.Event()
         self.ready = threading.Event()
@@ -251,14 +259,14 @@ class InvalidationListener:
                 pubsub = get_redis_connection("default").pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(INVALIDATION_CHANNEL)
                 # Anything changed while we were not listening is unknown: start afresh.
-                self.profiles.clear()
+                self.cache.clear()
                 self.ready.set()
                 while not self._stop.is_set():
                     message = pubsub.get_message(timeout=1.0)
                     if message is None:
                         continue
                     data = json.loads(message["data"])
-                    self.profiles.invalidate(data["kind"], data["schema"], data["key"])
+                    self.cache.invalidate(data["kind"], data["schema"], data["key"])
             except Exception:
                 log.exception("profile invalidation listener lost Redis; retrying in 1 s")
                 self.ready.clear()

@@ -69,7 +69,9 @@ def test_it_refuses_a_logical_identifier_another_tenant_uses(alpha: TenantPerson
 def test_it_enforces_device_constraints_in_the_database(in_alpha: TenantPersona) -> None:
     device_type = make_device_type()
     with pytest.raises(IntegrityError), transaction.atomic():
-        Device.objects.create(device_type=device_type, name="orphan", logical_identifier=unique_id("C"), device_role="child")
+        Device.objects.create(
+            device_type=device_type, name="orphan", logical_identifier=unique_id("C"), device_role="child"
+        )
 
 
 def test_it_shows_a_tenant_admin_only_its_own_devices(alpha: TenantPersona, beta: TenantPersona) -> None:
@@ -161,7 +163,7 @@ def test_it_shows_device_type_json_errors_next_to_the_field(
     response = client.post("/admin/devices/devicetype/add/", device_type_form(**{field: value}))
     errors = errors_of(response)
     assert any(expected in message for message in errors.get(field, [])), errors
-    assert f'class="errorlist' in response.content.decode()
+    assert 'class="errorlist' in response.content.decode()
 
 
 def asset_type_form(**overrides: Any) -> dict[str, Any]:

@@ -6,145 +6,321 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
-        ('devices', '0001_initial'),
+        ("devices", "0001_initial"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='Asset',
+            name="Asset",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=200, unique=True)),
-                ('location', models.CharField(blank=True, max_length=200)),
-                ('metadata', models.JSONField(blank=True, default=dict)),
-                ('health_score', models.DecimalField(blank=True, decimal_places=2, max_digits=5, null=True, validators=[django.core.validators.MinValueValidator(0), django.core.validators.MaxValueValidator(100)])),
-                ('health_score_updated_at', models.DateTimeField(blank=True, null=True)),
-                ('health_score_computed_by', models.CharField(blank=True, max_length=40)),
-                ('last_telemetry_at', models.DateTimeField(blank=True, null=True)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('updated_at', models.DateTimeField(auto_now=True)),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                ("name", models.CharField(max_length=200, unique=True)),
+                ("location", models.CharField(blank=True, max_length=200)),
+                ("metadata", models.JSONField(blank=True, default=dict)),
+                (
+                    "health_score",
+                    models.DecimalField(
+                        blank=True,
+                        decimal_places=2,
+                        max_digits=5,
+                        null=True,
+                        validators=[
+                            django.core.validators.MinValueValidator(0),
+                            django.core.validators.MaxValueValidator(100),
+                        ],
+                    ),
+                ),
+                ("health_score_updated_at", models.DateTimeField(blank=True, null=True)),
+                ("health_score_computed_by", models.CharField(blank=True, max_length=40)),
+                ("last_telemetry_at", models.DateTimeField(blank=True, null=True)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("updated_at", models.DateTimeField(auto_now=True)),
             ],
             options={
-                'db_table': 'assets',
-                'ordering': ['name'],
+                "db_table": "assets",
+                "ordering": ["name"],
             },
         ),
         migrations.CreateModel(
-            name='AssetType',
+            name="AssetType",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=120, unique=True)),
-                ('category', models.CharField(choices=[('equipment', 'Equipment'), ('facility', 'Facility'), ('vehicle', 'Vehicle'), ('other', 'Other')], default='equipment', max_length=20)),
-                ('description', models.TextField(blank=True)),
-                ('metric_definitions', models.JSONField(blank=True, default=list, help_text='[{"key": "temperature", "label": "Temperature", "unit": "°C", "min": 18, "max": 26}]')),
-                ('transformation_engine', models.CharField(choices=[('none', 'None'), ('linear', 'Linear (scale and offset per metric)')], default='none', max_length=20)),
-                ('transformation_config', models.JSONField(blank=True, default=dict)),
-                ('health_algorithm', models.CharField(choices=[('none', 'No health score'), ('weighted', 'Weighted mean of metrics within their ranges'), ('threshold', 'Score set by threshold rules (lowest matching wins)')], default='none', max_length=20)),
-                ('health_parameters', models.JSONField(blank=True, default=dict)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('updated_at', models.DateTimeField(auto_now=True)),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                ("name", models.CharField(max_length=120, unique=True)),
+                (
+                    "category",
+                    models.CharField(
+                        choices=[
+                            ("equipment", "Equipment"),
+                            ("facility", "Facility"),
+                            ("vehicle", "Vehicle"),
+                            ("other", "Other"),
+                        ],
+                        default="equipment",
+                        max_length=20,
+                    ),
+                ),
+                ("description", models.TextField(blank=True)),
+                (
+                    "metric_definitions",
+                    models.JSONField(
+                        blank=True,
+                        default=list,
+                        help_text='[{"key": "temperature", "label": "Temperature", "unit": "°C", "min": 18, "max": 26}]',
+                    ),
+                ),
+                (
+                    "transformation_engine",
+                    models.CharField(
+                        choices=[("none", "None"), ("linear", "Linear (scale and offset per metric)")],
+                        default="none",
+                        max_length=20,
+                    ),
+                ),
+                ("transformation_config", models.JSONField(blank=True, default=dict)),
+                (
+                    "health_algorithm",
+                    models.CharField(
+                        choices=[
+                            ("none", "No health score"),
+                            ("weighted", "Weighted mean of metrics within their ranges"),
+                            ("threshold", "Score set by threshold rules (lowest matching wins)"),
+                        ],
+                        default="none",
+                        max_length=20,
+                    ),
+                ),
+                ("health_parameters", models.JSONField(blank=True, default=dict)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("updated_at", models.DateTimeField(auto_now=True)),
             ],
             options={
-                'db_table': 'asset_types',
-                'ordering': ['name'],
+                "db_table": "asset_types",
+                "ordering": ["name"],
             },
         ),
         migrations.CreateModel(
-            name='AssetDevice',
+            name="AssetDevice",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('metric_mapping', models.JSONField(blank=True, default=dict, help_text='Device metric -> asset metric, e.g. {"temp": "temperature"}.')),
-                ('asset', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='device_links', to='assets.asset')),
-                ('device', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='asset_links', to='devices.device')),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                (
+                    "metric_mapping",
+                    models.JSONField(
+                        blank=True,
+                        default=dict,
+                        help_text='Device metric -> asset metric, e.g. {"temp": "temperature"}.',
+                    ),
+                ),
+                (
+                    "asset",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE, related_name="device_links", to="assets.asset"
+                    ),
+                ),
+                (
+                    "device",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE, related_name="asset_links", to="devices.device"
+                    ),
+                ),
             ],
             options={
-                'db_table': 'asset_devices',
+                "db_table": "asset_devices",
             },
         ),
         migrations.AddField(
-            model_name='asset',
-            name='devices',
-            field=models.ManyToManyField(blank=True, related_name='assets', through='assets.AssetDevice', to='devices.device'),
+            model_name="asset",
+            name="devices",
+            field=models.ManyToManyField(
+                blank=True, related_name="assets", through="assets.AssetDevice", to="devices.device"
+            ),
         ),
         migrations.AddField(
-            model_name='asset',
-            name='asset_type',
-            field=models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='assets', to='assets.assettype'),
+            model_name="asset",
+            name="asset_type",
+            field=models.ForeignKey(
+                on_delete=django.db.models.deletion.PROTECT, related_name="assets", to="assets.assettype"
+            ),
         ),
         migrations.CreateModel(
-            name='ThresholdRule',
+            name="ThresholdRule",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=200)),
-                ('metric', models.CharField(max_length=64)),
-                ('operator', models.CharField(choices=[('gt', 'greater than'), ('gte', 'greater than or equal'), ('lt', 'less than'), ('lte', 'less than or equal'), ('outside', 'outside [threshold, threshold_high]'), ('inside', 'inside [threshold, threshold_high]')], max_length=10)),
-                ('threshold', models.FloatField()),
-                ('threshold_high', models.FloatField(blank=True, help_text='Upper bound for range operators.', null=True)),
-                ('severity', models.CharField(choices=[('info', 'Info'), ('warning', 'Warning'), ('critical', 'Critical')], default='warning', max_length=10)),
-                ('duration_seconds', models.PositiveIntegerField(default=0, help_text='The condition must hold this long before the alert is raised.')),
-                ('hysteresis', models.FloatField(default=0, help_text='How far back the value must move to clear.', validators=[django.core.validators.MinValueValidator(0)])),
-                ('enabled', models.BooleanField(default=True)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('updated_at', models.DateTimeField(auto_now=True)),
-                ('asset', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.CASCADE, related_name='threshold_rules', to='assets.asset')),
-                ('asset_type', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.CASCADE, related_name='threshold_rules', to='assets.assettype')),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                ("name", models.CharField(max_length=200)),
+                ("metric", models.CharField(max_length=64)),
+                (
+                    "operator",
+                    models.CharField(
+                        choices=[
+                            ("gt", "greater than"),
+                            ("gte", "greater than or equal"),
+                            ("lt", "less than"),
+                            ("lte", "less than or equal"),
+                            ("outside", "outside [threshold, threshold_high]"),
+                            ("inside", "inside [threshold, threshold_high]"),
+                        ],
+                        max_length=10,
+                    ),
+                ),
+                ("threshold", models.FloatField()),
+                (
+                    "threshold_high",
+                    models.FloatField(blank=True, help_text="Upper bound for range operators.", null=True),
+                ),
+                (
+                    "severity",
+                    models.CharField(
+                        choices=[("info", "Info"), ("warning", "Warning"), ("critical", "Critical")],
+                        default="warning",
+                        max_length=10,
+                    ),
+                ),
+                (
+                    "duration_seconds",
+                    models.PositiveIntegerField(
+                        default=0, help_text="The condition must hold this long before the alert is raised."
+                    ),
+                ),
+                (
+                    "hysteresis",
+                    models.FloatField(
+                        default=0,
+                        help_text="How far back the value must move to clear.",
+                        validators=[django.core.validators.MinValueValidator(0)],
+                    ),
+                ),
+                ("enabled", models.BooleanField(default=True)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("updated_at", models.DateTimeField(auto_now=True)),
+                (
+                    "asset",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="threshold_rules",
+                        to="assets.asset",
+                    ),
+                ),
+                (
+                    "asset_type",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="threshold_rules",
+                        to="assets.assettype",
+                    ),
+                ),
             ],
             options={
-                'db_table': 'threshold_rules',
-                'ordering': ['name'],
+                "db_table": "threshold_rules",
+                "ordering": ["name"],
             },
         ),
         migrations.CreateModel(
-            name='Alert',
+            name="Alert",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('metric', models.CharField(max_length=64)),
-                ('value', models.FloatField()),
-                ('severity', models.CharField(choices=[('info', 'Info'), ('warning', 'Warning'), ('critical', 'Critical')], max_length=10)),
-                ('status', models.CharField(choices=[('active', 'Active'), ('acknowledged', 'Acknowledged'), ('resolved', 'Resolved')], default='active', max_length=20)),
-                ('message', models.TextField(blank=True)),
-                ('raised_at', models.DateTimeField()),
-                ('acknowledged_at', models.DateTimeField(blank=True, null=True)),
-                ('resolved_at', models.DateTimeField(blank=True, null=True)),
-                ('device', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='alerts', to='devices.device')),
-                ('asset', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='alerts', to='assets.asset')),
-                ('rule', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='alerts', to='assets.thresholdrule')),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                ("metric", models.CharField(max_length=64)),
+                ("value", models.FloatField()),
+                (
+                    "severity",
+                    models.CharField(
+                        choices=[("info", "Info"), ("warning", "Warning"), ("critical", "Critical")], max_length=10
+                    ),
+                ),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[("active", "Active"), ("acknowledged", "Acknowledged"), ("resolved", "Resolved")],
+                        default="active",
+                        max_length=20,
+                    ),
+                ),
+                ("message", models.TextField(blank=True)),
+                ("raised_at", models.DateTimeField()),
+                ("acknowledged_at", models.DateTimeField(blank=True, null=True)),
+                ("resolved_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "device",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="alerts",
+                        to="devices.device",
+                    ),
+                ),
+                (
+                    "asset",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE, related_name="alerts", to="assets.asset"
+                    ),
+                ),
+                (
+                    "rule",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE, related_name="alerts", to="assets.thresholdrule"
+                    ),
+                ),
             ],
             options={
-                'db_table': 'alerts',
-                'ordering': ['-raised_at'],
+                "db_table": "alerts",
+                "ordering": ["-raised_at"],
             },
         ),
         migrations.AddConstraint(
-            model_name='assetdevice',
-            constraint=models.UniqueConstraint(fields=('asset', 'device'), name='asset_devices_uniq'),
+            model_name="assetdevice",
+            constraint=models.UniqueConstraint(fields=("asset", "device"), name="asset_devices_uniq"),
         ),
         migrations.AddConstraint(
-            model_name='asset',
-            constraint=models.CheckConstraint(condition=models.Q(('health_score__isnull', True), models.Q(('health_score__gte', 0), ('health_score__lte', 100)), _connector='OR'), name='assets_health_score_range'),
+            model_name="asset",
+            constraint=models.CheckConstraint(
+                condition=models.Q(
+                    ("health_score__isnull", True),
+                    models.Q(("health_score__gte", 0), ("health_score__lte", 100)),
+                    _connector="OR",
+                ),
+                name="assets_health_score_range",
+            ),
         ),
         migrations.AddConstraint(
-            model_name='thresholdrule',
-            constraint=models.CheckConstraint(condition=models.Q(('asset__isnull', False), ('asset_type__isnull', False), _connector='OR'), name='threshold_rules_has_scope'),
+            model_name="thresholdrule",
+            constraint=models.CheckConstraint(
+                condition=models.Q(("asset__isnull", False), ("asset_type__isnull", False), _connector="OR"),
+                name="threshold_rules_has_scope",
+            ),
         ),
         migrations.AddConstraint(
-            model_name='thresholdrule',
-            constraint=models.CheckConstraint(condition=models.Q(models.Q(('operator__in', ('outside', 'inside')), _negated=True), models.Q(('threshold_high__gt', models.F('threshold')), ('threshold_high__isnull', False)), _connector='OR'), name='threshold_rules_range_bounds'),
+            model_name="thresholdrule",
+            constraint=models.CheckConstraint(
+                condition=models.Q(
+                    models.Q(("operator__in", ("outside", "inside")), _negated=True),
+                    models.Q(("threshold_high__gt", models.F("threshold")), ("threshold_high__isnull", False)),
+                    _connector="OR",
+                ),
+                name="threshold_rules_range_bounds",
+            ),
         ),
         migrations.AddConstraint(
-            model_name='thresholdrule',
-            constraint=models.CheckConstraint(condition=models.Q(('hysteresis__gte', 0)), name='threshold_rules_hysteresis_positive'),
+            model_name="thresholdrule",
+            constraint=models.CheckConstraint(
+                condition=models.Q(("hysteresis__gte", 0)), name="threshold_rules_hysteresis_positive"
+            ),
         ),
         migrations.AddIndex(
-            model_name='alert',
-            index=models.Index(fields=['status', '-raised_at'], name='alerts_status_raised_idx'),
+            model_name="alert",
+            index=models.Index(fields=["status", "-raised_at"], name="alerts_status_raised_idx"),
         ),
         migrations.AddConstraint(
-            model_name='alert',
-            constraint=models.UniqueConstraint(condition=models.Q(('status', 'resolved'), _negated=True), fields=('rule', 'asset'), name='alerts_one_open_per_rule_asset'),
+            model_name="alert",
+            constraint=models.UniqueConstraint(
+                condition=models.Q(("status", "resolved"), _negated=True),
+                fields=("rule", "asset"),
+                name="alerts_one_open_per_rule_asset",
+            ),
         ),
     ]

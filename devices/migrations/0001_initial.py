@@ -6,97 +6,237 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
-    dependencies = [
-    ]
+    dependencies = []
 
     operations = [
         migrations.CreateModel(
-            name='DeviceType',
+            name="DeviceType",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=120, unique=True)),
-                ('description', models.TextField(blank=True)),
-                ('processing_mode', models.CharField(choices=[('endpoint', 'Endpoint'), ('gateway', 'Gateway (child devices)'), ('gateway_chunked', 'Chunked gateway')], default='endpoint', max_length=20)),
-                ('protocol_adapter', models.CharField(choices=[('argus_json', 'Argus JSON (endpoint / gateway / chunk shapes)'), ('flat_json', 'Flat JSON object of metrics ({"temperature": 21.5, "ts": ...})')], default='argus_json', max_length=40)),
-                ('message_schema', models.JSONField(blank=True, default=dict, help_text='JSON Schema every message must satisfy (after decoding). Empty: shape checks only.')),
-                ('metrics', models.JSONField(blank=True, default=list, help_text='Metric keys devices of this type report, e.g. ["temperature", "humidity"].')),
-                ('auto_register_children', models.BooleanField(default=False, help_text='Gateways: register unknown child ids automatically under the gateway.')),
-                ('max_children', models.PositiveIntegerField(default=5000, help_text='Most children in one message.', validators=[django.core.validators.MinValueValidator(1)])),
-                ('chunk_ttl_seconds', models.PositiveIntegerField(default=60, help_text='Chunked gateways: seconds from the first chunk until an incomplete transaction expires.', validators=[django.core.validators.MinValueValidator(1), django.core.validators.MaxValueValidator(3600)])),
-                ('max_chunks', models.PositiveIntegerField(default=100, help_text='Chunked gateways: the largest `total` accepted.', validators=[django.core.validators.MinValueValidator(1), django.core.validators.MaxValueValidator(10000)])),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('updated_at', models.DateTimeField(auto_now=True)),
-                ('child_device_type', models.ForeignKey(blank=True, help_text="Type given to automatically registered children (empty: the gateway's own type).", null=True, on_delete=django.db.models.deletion.PROTECT, related_name='+', to='devices.devicetype')),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                ("name", models.CharField(max_length=120, unique=True)),
+                ("description", models.TextField(blank=True)),
+                (
+                    "processing_mode",
+                    models.CharField(
+                        choices=[
+                            ("endpoint", "Endpoint"),
+                            ("gateway", "Gateway (child devices)"),
+                            ("gateway_chunked", "Chunked gateway"),
+                        ],
+                        default="endpoint",
+                        max_length=20,
+                    ),
+                ),
+                (
+                    "protocol_adapter",
+                    models.CharField(
+                        choices=[
+                            ("argus_json", "Argus JSON (endpoint / gateway / chunk shapes)"),
+                            ("flat_json", 'Flat JSON object of metrics ({"temperature": 21.5, "ts": ...})'),
+                        ],
+                        default="argus_json",
+                        max_length=40,
+                    ),
+                ),
+                (
+                    "message_schema",
+                    models.JSONField(
+                        blank=True,
+                        default=dict,
+                        help_text="JSON Schema every message must satisfy (after decoding). Empty: shape checks only.",
+                    ),
+                ),
+                (
+                    "metrics",
+                    models.JSONField(
+                        blank=True,
+                        default=list,
+                        help_text='Metric keys devices of this type report, e.g. ["temperature", "humidity"].',
+                    ),
+                ),
+                (
+                    "auto_register_children",
+                    models.BooleanField(
+                        default=False, help_text="Gateways: register unknown child ids automatically under the gateway."
+                    ),
+                ),
+                (
+                    "max_children",
+                    models.PositiveIntegerField(
+                        default=5000,
+                        help_text="Most children in one message.",
+                        validators=[django.core.validators.MinValueValidator(1)],
+                    ),
+                ),
+                (
+                    "chunk_ttl_seconds",
+                    models.PositiveIntegerField(
+                        default=60,
+                        help_text="Chunked gateways: seconds from the first chunk until an incomplete transaction expires.",
+                        validators=[
+                            django.core.validators.MinValueValidator(1),
+                            django.core.validators.MaxValueValidator(3600),
+                        ],
+                    ),
+                ),
+                (
+                    "max_chunks",
+                    models.PositiveIntegerField(
+                        default=100,
+                        help_text="Chunked gateways: the largest `total` accepted.",
+                        validators=[
+                            django.core.validators.MinValueValidator(1),
+                            django.core.validators.MaxValueValidator(10000),
+                        ],
+                    ),
+                ),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("updated_at", models.DateTimeField(auto_now=True)),
+                (
+                    "child_device_type",
+                    models.ForeignKey(
+                        blank=True,
+                        help_text="Type given to automatically registered children (empty: the gateway's own type).",
+                        null=True,
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="+",
+                        to="devices.devicetype",
+                    ),
+                ),
             ],
             options={
-                'db_table': 'device_types',
-                'ordering': ['name'],
+                "db_table": "device_types",
+                "ordering": ["name"],
             },
         ),
         migrations.CreateModel(
-            name='Device',
+            name="Device",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=200)),
-                ('logical_identifier', models.CharField(max_length=128, unique=True, validators=[django.core.validators.RegexValidator('^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$', 'Letters, digits and . _ : - only (it is an MQTT topic level), at most 128 characters.')])),
-                ('device_role', models.CharField(choices=[('standalone', 'Standalone'), ('gateway', 'Gateway'), ('child', 'Child of a gateway')], default='standalone', max_length=20)),
-                ('network_metadata', models.JSONField(blank=True, default=dict)),
-                ('protocol', models.CharField(choices=[('mqtt', 'MQTT'), ('mqtts', 'MQTT over mTLS'), ('http', 'HTTP')], default='mqtt', max_length=10)),
-                ('status', models.CharField(choices=[('active', 'Active'), ('disabled', 'Disabled')], default='active', max_length=20)),
-                ('metadata', models.JSONField(blank=True, default=dict)),
-                ('last_seen', models.DateTimeField(blank=True, null=True)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('updated_at', models.DateTimeField(auto_now=True)),
-                ('parent_device', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.PROTECT, related_name='children', to='devices.device')),
-                ('device_type', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='devices', to='devices.devicetype')),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                ("name", models.CharField(max_length=200)),
+                (
+                    "logical_identifier",
+                    models.CharField(
+                        max_length=128,
+                        unique=True,
+                        validators=[
+                            django.core.validators.RegexValidator(
+                                "^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$",
+                                "Letters, digits and . _ : - only (it is an MQTT topic level), at most 128 characters.",
+                            )
+                        ],
+                    ),
+                ),
+                (
+                    "device_role",
+                    models.CharField(
+                        choices=[("standalone", "Standalone"), ("gateway", "Gateway"), ("child", "Child of a gateway")],
+                        default="standalone",
+                        max_length=20,
+                    ),
+                ),
+                ("network_metadata", models.JSONField(blank=True, default=dict)),
+                (
+                    "protocol",
+                    models.CharField(
+                        choices=[("mqtt", "MQTT"), ("mqtts", "MQTT over mTLS"), ("http", "HTTP")],
+                        default="mqtt",
+                        max_length=10,
+                    ),
+                ),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[("active", "Active"), ("disabled", "Disabled")], default="active", max_length=20
+                    ),
+                ),
+                ("metadata", models.JSONField(blank=True, default=dict)),
+                ("last_seen", models.DateTimeField(blank=True, null=True)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("updated_at", models.DateTimeField(auto_now=True)),
+                (
+                    "parent_device",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="children",
+                        to="devices.device",
+                    ),
+                ),
+                (
+                    "device_type",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT, related_name="devices", to="devices.devicetype"
+                    ),
+                ),
             ],
             options={
-                'db_table': 'devices',
-                'ordering': ['logical_identifier'],
+                "db_table": "devices",
+                "ordering": ["logical_identifier"],
             },
         ),
         migrations.CreateModel(
-            name='DeviceCertificate',
+            name="DeviceCertificate",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('serial_number', models.CharField(max_length=64, unique=True)),
-                ('fingerprint_sha256', models.CharField(max_length=64, unique=True)),
-                ('subject_cn', models.CharField(max_length=128)),
-                ('not_before', models.DateTimeField()),
-                ('not_after', models.DateTimeField()),
-                ('revoked_at', models.DateTimeField(blank=True, null=True)),
-                ('revocation_reason', models.CharField(blank=True, max_length=64)),
-                ('pem', models.TextField()),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('device', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='certificates', to='devices.device')),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                ("serial_number", models.CharField(max_length=64, unique=True)),
+                ("fingerprint_sha256", models.CharField(max_length=64, unique=True)),
+                ("subject_cn", models.CharField(max_length=128)),
+                ("not_before", models.DateTimeField()),
+                ("not_after", models.DateTimeField()),
+                ("revoked_at", models.DateTimeField(blank=True, null=True)),
+                ("revocation_reason", models.CharField(blank=True, max_length=64)),
+                ("pem", models.TextField()),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                (
+                    "device",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE, related_name="certificates", to="devices.device"
+                    ),
+                ),
             ],
             options={
-                'db_table': 'device_certificates',
-                'ordering': ['-not_before'],
-                'constraints': [models.CheckConstraint(condition=models.Q(('not_after__gt', models.F('not_before'))), name='device_certs_valid_period')],
+                "db_table": "device_certificates",
+                "ordering": ["-not_before"],
+                "constraints": [
+                    models.CheckConstraint(
+                        condition=models.Q(("not_after__gt", models.F("not_before"))), name="device_certs_valid_period"
+                    )
+                ],
             },
         ),
         migrations.AddConstraint(
-            model_name='devicetype',
-            constraint=models.CheckConstraint(condition=models.Q(('chunk_ttl_seconds__gte', 1)), name='device_types_chunk_ttl_positive'),
+            model_name="devicetype",
+            constraint=models.CheckConstraint(
+                condition=models.Q(("chunk_ttl_seconds__gte", 1)), name="device_types_chunk_ttl_positive"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='devicetype',
-            constraint=models.CheckConstraint(condition=models.Q(('max_chunks__gte', 1)), name='device_types_max_chunks_positive'),
+            model_name="devicetype",
+            constraint=models.CheckConstraint(
+                condition=models.Q(("max_chunks__gte", 1)), name="device_types_max_chunks_positive"
+            ),
         ),
         migrations.AddIndex(
-            model_name='device',
-            index=models.Index(fields=['parent_device'], name='devices_parent_idx'),
+            model_name="device",
+            index=models.Index(fields=["parent_device"], name="devices_parent_idx"),
         ),
         migrations.AddConstraint(
-            model_name='device',
-            constraint=models.CheckConstraint(condition=models.Q(models.Q(('device_role', 'child'), _negated=True), ('parent_device__isnull', False), _connector='OR'), name='devices_child_has_parent'),
+            model_name="device",
+            constraint=models.CheckConstraint(
+                condition=models.Q(
+                    models.Q(("device_role", "child"), _negated=True), ("parent_device__isnull", False), _connector="OR"
+                ),
+                name="devices_child_has_parent",
+            ),
         ),
         migrations.AddConstraint(
-            model_name='device',
-            constraint=models.CheckConstraint(condition=models.Q(('parent_device', models.F('id')), _negated=True), name='devices_not_own_parent'),
+            model_name="device",
+            constraint=models.CheckConstraint(
+                condition=models.Q(("parent_device", models.F("id")), _negated=True), name="devices_not_own_parent"
+            ),
         ),
     ]

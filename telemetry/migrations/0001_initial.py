@@ -5,111 +5,168 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
-        ('devices', '0001_initial'),
+        ("devices", "0001_initial"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='TelemetryHistory',
+            name="TelemetryHistory",
             fields=[
-                ('pk', models.CompositePrimaryKey('device_id', 'metric', 'time', blank=True, editable=False, primary_key=True, serialize=False)),
-                ('time', models.DateTimeField()),
-                ('device_id', models.BigIntegerField()),
-                ('metric', models.CharField(max_length=64)),
-                ('value', models.FloatField()),
-                ('raw_id', models.BigIntegerField(help_text='The telemetry_raw row this reading came from.')),
+                (
+                    "pk",
+                    models.CompositePrimaryKey(
+                        "device_id", "metric", "time", blank=True, editable=False, primary_key=True, serialize=False
+                    ),
+                ),
+                ("time", models.DateTimeField()),
+                ("device_id", models.BigIntegerField()),
+                ("metric", models.CharField(max_length=64)),
+                ("value", models.FloatField()),
+                ("raw_id", models.BigIntegerField(help_text="The telemetry_raw row this reading came from.")),
             ],
             options={
-                'db_table': 'telemetry_history',
-                'managed': False,
+                "db_table": "telemetry_history",
+                "managed": False,
             },
         ),
         migrations.CreateModel(
-            name='TelemetryRaw',
+            name="TelemetryRaw",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('logical_identifier', models.CharField(max_length=128)),
-                ('msg_id', models.CharField(blank=True, max_length=200, null=True)),
-                ('ingest_key', models.CharField(max_length=400, unique=True)),
-                ('payload', models.BinaryField()),
-                ('received_at', models.DateTimeField()),
-                ('stored_at', models.DateTimeField(auto_now_add=True)),
-                ('transport', models.CharField(choices=[('mqtt', 'MQTT'), ('http', 'HTTP')], default='mqtt', max_length=10)),
-                ('status', models.CharField(choices=[('accepted', 'Accepted'), ('rejected', 'Rejected'), ('chunk', 'Chunk stored for reassembly'), ('ignored', 'Chunk of a finished transaction')], max_length=20)),
-                ('reason', models.TextField(blank=True)),
-                ('readings', models.PositiveIntegerField(default=0)),
-                ('device', models.ForeignKey(null=True, on_delete=django.db.models.deletion.PROTECT, related_name='+', to='devices.device')),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                ("logical_identifier", models.CharField(max_length=128)),
+                ("msg_id", models.CharField(blank=True, max_length=200, null=True)),
+                ("ingest_key", models.CharField(max_length=400, unique=True)),
+                ("payload", models.BinaryField()),
+                ("received_at", models.DateTimeField()),
+                ("stored_at", models.DateTimeField(auto_now_add=True)),
+                (
+                    "transport",
+                    models.CharField(choices=[("mqtt", "MQTT"), ("http", "HTTP")], default="mqtt", max_length=10),
+                ),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("accepted", "Accepted"),
+                            ("rejected", "Rejected"),
+                            ("chunk", "Chunk stored for reassembly"),
+                            ("ignored", "Chunk of a finished transaction"),
+                        ],
+                        max_length=20,
+                    ),
+                ),
+                ("reason", models.TextField(blank=True)),
+                ("readings", models.PositiveIntegerField(default=0)),
+                (
+                    "device",
+                    models.ForeignKey(
+                        null=True, on_delete=django.db.models.deletion.PROTECT, related_name="+", to="devices.device"
+                    ),
+                ),
             ],
             options={
-                'db_table': 'telemetry_raw',
+                "db_table": "telemetry_raw",
             },
         ),
         migrations.CreateModel(
-            name='TelemetryTransaction',
+            name="TelemetryTransaction",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('transaction_id', models.CharField(max_length=128, unique=True)),
-                ('status', models.CharField(choices=[('pending', 'Pending'), ('complete', 'Complete'), ('expired', 'Expired'), ('failed', 'Failed')], default='pending', max_length=10)),
-                ('expected_chunks', models.PositiveIntegerField()),
-                ('received_chunks', models.PositiveIntegerField(default=0)),
-                ('first_chunk_at', models.DateTimeField()),
-                ('last_chunk_at', models.DateTimeField()),
-                ('expires_at', models.DateTimeField()),
-                ('completed_at', models.DateTimeField(blank=True, null=True)),
-                ('readings', models.PositiveIntegerField(default=0)),
-                ('missing_chunks', models.JSONField(blank=True, null=True)),
-                ('reason', models.TextField(blank=True)),
-                ('device', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='transactions', to='devices.device')),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                ("transaction_id", models.CharField(max_length=128, unique=True)),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("pending", "Pending"),
+                            ("complete", "Complete"),
+                            ("expired", "Expired"),
+                            ("failed", "Failed"),
+                        ],
+                        default="pending",
+                        max_length=10,
+                    ),
+                ),
+                ("expected_chunks", models.PositiveIntegerField()),
+                ("received_chunks", models.PositiveIntegerField(default=0)),
+                ("first_chunk_at", models.DateTimeField()),
+                ("last_chunk_at", models.DateTimeField()),
+                ("expires_at", models.DateTimeField()),
+                ("completed_at", models.DateTimeField(blank=True, null=True)),
+                ("readings", models.PositiveIntegerField(default=0)),
+                ("missing_chunks", models.JSONField(blank=True, null=True)),
+                ("reason", models.TextField(blank=True)),
+                (
+                    "device",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT, related_name="transactions", to="devices.device"
+                    ),
+                ),
             ],
             options={
-                'db_table': 'telemetry_transactions',
+                "db_table": "telemetry_transactions",
             },
         ),
         migrations.CreateModel(
-            name='TelemetryChunk',
+            name="TelemetryChunk",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('chunk_index', models.PositiveIntegerField()),
-                ('payload', models.BinaryField()),
-                ('received_at', models.DateTimeField()),
-                ('expires_at', models.DateTimeField()),
-                ('raw', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='+', to='telemetry.telemetryraw')),
-                ('transaction', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='chunks', to='telemetry.telemetrytransaction')),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                ("chunk_index", models.PositiveIntegerField()),
+                ("payload", models.BinaryField()),
+                ("received_at", models.DateTimeField()),
+                ("expires_at", models.DateTimeField()),
+                (
+                    "raw",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT, related_name="+", to="telemetry.telemetryraw"
+                    ),
+                ),
+                (
+                    "transaction",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="chunks",
+                        to="telemetry.telemetrytransaction",
+                    ),
+                ),
             ],
             options={
-                'db_table': 'telemetry_chunks',
+                "db_table": "telemetry_chunks",
             },
         ),
         migrations.AddIndex(
-            model_name='telemetryraw',
-            index=models.Index(fields=['device', '-received_at'], name='telemetry_raw_device_recv_idx'),
+            model_name="telemetryraw",
+            index=models.Index(fields=["device", "-received_at"], name="telemetry_raw_device_recv_idx"),
         ),
         migrations.AddIndex(
-            model_name='telemetryraw',
-            index=models.Index(fields=['status', '-received_at'], name='telemetry_raw_status_recv_idx'),
+            model_name="telemetryraw",
+            index=models.Index(fields=["status", "-received_at"], name="telemetry_raw_status_recv_idx"),
         ),
         migrations.AddIndex(
-            model_name='telemetrytransaction',
-            index=models.Index(fields=['status', 'expires_at'], name='telemetry_tx_status_exp_idx'),
+            model_name="telemetrytransaction",
+            index=models.Index(fields=["status", "expires_at"], name="telemetry_tx_status_exp_idx"),
         ),
         migrations.AddConstraint(
-            model_name='telemetrytransaction',
-            constraint=models.CheckConstraint(condition=models.Q(('expected_chunks__gte', 1)), name='telemetry_tx_expected_positive'),
+            model_name="telemetrytransaction",
+            constraint=models.CheckConstraint(
+                condition=models.Q(("expected_chunks__gte", 1)), name="telemetry_tx_expected_positive"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='telemetrytransaction',
-            constraint=models.CheckConstraint(condition=models.Q(('received_chunks__lte', models.F('expected_chunks'))), name='telemetry_tx_received_le_expected'),
+            model_name="telemetrytransaction",
+            constraint=models.CheckConstraint(
+                condition=models.Q(("received_chunks__lte", models.F("expected_chunks"))),
+                name="telemetry_tx_received_le_expected",
+            ),
         ),
         migrations.AddIndex(
-            model_name='telemetrychunk',
-            index=models.Index(fields=['expires_at'], name='telemetry_chunks_expires_idx'),
+            model_name="telemetrychunk",
+            index=models.Index(fields=["expires_at"], name="telemetry_chunks_expires_idx"),
         ),
         migrations.AddConstraint(
-            model_name='telemetrychunk',
-            constraint=models.UniqueConstraint(fields=('transaction', 'chunk_index'), name='telemetry_chunks_uniq'),
+            model_name="telemetrychunk",
+            constraint=models.UniqueConstraint(fields=("transaction", "chunk_index"), name="telemetry_chunks_uniq"),
         ),
     ]

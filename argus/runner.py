@@ -1,0 +1,43 @@
+"""The shape every long-running command shares: loop `step()` until a signal, then finish.
+
+The signal handler only sets a flag; the loop finishes the batch in hand, closes cleanly and the
+command exits 0. Work is done back to back while there is any; `step()` itself waits when idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+
+from prometheus_client import start_http_server
+
+log = logging.getLogger(__name__)
+
+
+async def run_until_stopped(
+    name: str,
+    *,
+    start: Callable[[], Awaitable[None]],
+    step: Callable[[], Awaitable[bool]],
+    close: Callable[[], Awaitable[None]],
+    metrics_port: int = 0,
+) -> None:
+    """Run a worker's steps until SIGTERM/SIGINT, then close it."""
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    if metrics_port:
+        start_http_server(metrics_port, addr="127.0.0.1")
+    await start()
+    log.info("%s started metrics_port=%s", name, metrics_port or "off")
+    steps = 0
+    try:
+        while not stopping.is_set():
+            if await step():
+                steps += 1
+    finally:
+        await close()
+        log.info("%s stopped after %d busy steps", name, steps)

@@ -1,0 +1,213 @@
+"""Threshold alerts and health scores from the newest telemetry of assets' devices."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from django.db import connection, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from assets.health import ALGORITHMS
+from assets.models import (
+    Alert,
+    AlertStatus,
+    Asset,
+    AssetDevice,
+    AssetType,
+    RuleOperator,
+    ThresholdRule,
+    TransformationEngine,
+)
+
+log = logging.getLogger(__name__)
+
+# device id -> (time, {metric: value})
+LatestValues = Mapping[int, tuple[datetime, Mapping[str, float]]]
+
+
+@dataclass
+class EvaluationOutcome:
+    """What one evaluation changed."""
+
+    alerts_raised: int = 0
+    alerts_resolved: int = 0
+    scores_updated: int = 0
+
+
+def transform_values(asset_type: AssetType, values: Mapping[str, float]) -> dict[str, float]:
+    """Apply the asset type's transformation engine to raw metric values."""
+    if asset_type.transformation_engine != TransformationEngine.LINEAR:
+        return dict(values)
+    out = dict(values)
+    for metric, params in asset_type.transformation_config.items():
+        if metric in out:
+            out[metric] = out[metric] * params.get("scale", 1.0) + params.get("offset", 0.0)
+    return out
+
+
+def asset_values(links: list[AssetDevice], latest: LatestValues) -> dict[int, tuple[datetime, dict[str, float]]]:
+    """Per asset: the newest values of its devices, renamed by each link's metric mapping."""
+    merged: dict[int, tuple[datetime, dict[str, float]]] = {}
+    for link in links:
+        if link.device_id not in latest:
+            continue
+        time, values = latest[link.device_id]
+        renamed = {link.metric_mapping.get(k, k): v for k, v in values.items()}
+        values_now = transform_values(link.asset.asset_type, renamed)
+        previous = merged.get(link.asset_id)
+        if previous is None:
+            merged[link.asset_id] = (time, values_now)
+        else:
+            merged[link.asset_id] = (max(previous[0], time), {**previous[1], **values_now})
+    return merged
+
+
+def cleared(rule: ThresholdRule, value: float) -> bool:
+    """Whether a value has moved back past the threshold by the rule's hysteresis."""
+    h = rule.hysteresis
+    high = rule.threshold_high if rule.threshold_high is not None else rule.threshold
+    return {
+        RuleOperator.GT: value <= rule.threshold - h,
+        RuleOperator.GTE: value < rule.threshold - h,
+        RuleOperator.LT: value >= rule.threshold + h,
+        RuleOperator.LTE: value > rule.threshold + h,
+        RuleOperator.OUTSIDE: rule.threshold + h <= value <= high - h,
+        RuleOperator.INSIDE: value < rule.threshold - h or value > high + h,
+    }[RuleOperator(rule.operator)]
+
+
+def _held_for(rule: ThresholdRule, device_ids: list[int], since: datetime) -> bool:
+    """Whether every reading of the rule's metric since `since` breaches it (duration rules)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT value FROM telemetry_history WHERE device_id = ANY(%s) AND metric = %s AND time >= %s",
+            [device_ids, rule.metric, since],
+        )
+        values = [row[0] for row in cursor.fetchall()]
+    return bool(values) and all(rule.breached(v) for v in values)
+
+
+def telemetry_evaluate(*, latest: LatestValues) -> EvaluationOutcome:
+    """Raise and resolve threshold alerts and rescore the assets fed by these devices."""
+    outcome = EvaluationOutcome()
+    links = list(AssetDevice.objects.filter(device_id__in=list(latest)).select_related("asset", "asset__asset_type"))
+    if not links:
+        return outcome
+    per_asset = asset_values(links, latest)
+    assets = {link.asset_id: link.asset for link in links}
+    devices_of: dict[int, list[int]] = defaultdict(list)
+    for link in links:
+        devices_of[link.asset_id].append(link.device_id)
+    type_ids = {a.asset_type_id for a in assets.values()}
+    rules = list(
+        ThresholdRule.objects.filter(enabled=True).filter(Q(asset_id__in=list(assets)) | Q(asset_type_id__in=type_ids))
+    )
+    open_alerts = {
+        (a.rule_id, a.asset_id): a
+        for a in Alert.objects.filter(asset_id__in=list(assets)).exclude(status=AlertStatus.RESOLVED)
+    }
+    now = timezone.now()
+    with transaction.atomic():
+        for asset_id, (time, values) in per_asset.items():
+            asset = assets[asset_id]
+            for rule in rules:
+                if rule.asset_id not in (None, asset_id) or (
+                    rule.asset_id is None and rule.asset_type_id != asset.asset_type_id
+                ):
+                    continue
+                if rule.metric not in values:
+                    continue
+                value = values[rule.metric]
+                alert = open_alerts.get((rule.pk, asset_id))
+                if alert is None and rule.breached(value):
+                    if rule.duration_seconds and not _held_for(
+                        rule, devices_of[asset_id], time - timedelta(seconds=rule.duration_seconds)
+                    ):
+                        continue
+                    _, created = Alert.objects.get_or_create(
+                        rule=rule,
+                        asset=asset,
+                        status=AlertStatus.ACTIVE,
+                        defaults={
+                            "metric": rule.metric,
+                            "value": value,
+                            "severity": rule.severity,
+                            "raised_at": time,
+                            "device_id": devices_of[asset_id][0],
+                            "message": f"{asset.name}: {rule.metric} = {value:g} ({rule.get_operator_display()} "
+                            f"{rule.threshold:g})",
+                        },
+                    )
+                    if created:
+                        outcome.alerts_raised += 1
+                        log.info("alert raised asset=%s rule=%s value=%s", asset.name, rule.name, value)
+                elif alert is not None and cleared(rule, value):
+                    alert.status = AlertStatus.RESOLVED
+                    alert.resolved_at = now
+                    alert.save(update_fields=["status", "resolved_at"])
+                    outcome.alerts_resolved += 1
+            if _score(asset, values, now):
+                outcome.scores_updated += 1
+    return outcome
+
+
+def _score(asset: Asset, values: Mapping[str, float], now: datetime) -> bool:
+    """Recompute one asset's health score from its newest values; True if it changed."""
+    asset_type = asset.asset_type
+    algorithm = ALGORITHMS.get(asset_type.health_algorithm)
+    if algorithm is None or algorithm.name == "none":
+        return False
+    definitions = {d["key"]: d for d in asset_type.metric_definitions}
+    score = algorithm.score(asset_type.health_parameters, definitions, values)
+    if score is None:
+        return False
+    Asset.objects.filter(pk=asset.pk).update(
+        health_score=Decimal(str(score)).quantize(Decimal("0.01")),
+        health_score_updated_at=now,
+        health_score_computed_by=f"{algorithm.name}",
+    )
+    return True
+
+
+def latest_values_of_devices(device_ids: list[int]) -> dict[int, tuple[datetime, dict[str, float]]]:
+    """The newest value of every metric of each device, from telemetry_history."""
+    latest: dict[int, tuple[datetime, dict[str, float]]] = {}
+    if not device_ids:
+        return latest
+    with connection.cursor() as cursor:
+        # Per (device, metric) pair the primary key index finds the newest row directly.
+        cursor.execute(
+            """
+            SELECT DISTINCT ON (device_id, metric) device_id, metric, value, time
+            FROM telemetry_history WHERE device_id = ANY(%s)
+              AND time > now() - interval '7 days'
+            ORDER BY device_id, metric, time DESC
+            """,
+            [device_ids],
+        )
+        for device_id, metric, value, time in cursor.fetchall():
+            newest, values = latest.get(device_id, (time, {}))
+            values[metric] = value
+            latest[device_id] = (max(newest, time), values)
+    return latest
+
+
+def health_recompute(*, asset_ids: list[int] | None = None) -> int:
+    """Rescore assets from the stored newest values of their devices (periodic safety net)."""
+    links = AssetDevice.objects.select_related("asset", "asset__asset_type")
+    if asset_ids is not None:
+        links = links.filter(asset_id__in=asset_ids)
+    link_list = list(links)
+    latest = latest_values_of_devices(sorted({link.device_id for link in link_list}))
+    now = timezone.now()
+    updated = 0
+    assets = {link.asset_id: link.asset for link in link_list}
+    for asset_id, (_, values) in asset_values(link_list, latest).items():
+        updated += _score(assets[asset_id], values, now)
+    return updated

@@ -1,0 +1,352 @@
+"""The MQTT → NATS JetStream bridge behind `manage.py runbridge`.
+
+paho-mqtt (MQTT 5, persistent session, QoS 1, manual acknowledgement) runs its network loop in
+its own thread and appends each message to a deque; the asyncio side routes it (device →
+tenant), publishes it to JetStream without awaiting each PubAck (a bounded window of
+`publish_async` futures) and acknowledges the MQTT message only once its PubAck has arrived.
+A message whose publish fails or times out is published again with the same message id, which
+JetStream's duplicate window absorbs. Nothing is acknowledged to the broker that JetStream does
+not hold, so a crash of the bridge loses nothing: the broker redelivers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import ssl
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+import nats
+import paho.mqtt.client as mqtt
+from django.conf import settings
+from django.db import close_old_connections, connection
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from prometheus_client import Counter, Gauge
+
+from argus.registry import use_public_schema
+from telemetry import jetstream as js_defs
+
+log = logging.getLogger(__name__)
+
+TOPIC = "devices/+/telemetry"
+
+RECEIVED = Counter("argus_bridge_messages_received_total", "MQTT messages received")
+FORWARDED = Counter("argus_bridge_messages_forwarded_total", "Messages stored in JetStream and acknowledged")
+DEAD_LETTERED = Counter("argus_bridge_dead_lettered_total", "Messages sent to the dead-letter stream", ["reason"])
+PUBLISH_RETRIES = Counter("argus_bridge_publish_retries_total", "JetStream publishes tried again")
+INFLIGHT = Gauge("argus_bridge_inflight", "Messages published and awaiting their PubAck")
+ROUTE_LOOKUPS = Counter("argus_bridge_route_lookups_total", "Device route lookups", ["source"])
+MQTT_CONNECTED = Gauge("argus_bridge_mqtt_connected", "1 while connected to the MQTT broker")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where a device's messages go."""
+
+    schema: str
+    device_id: int
+
+
+@dataclass(slots=True)
+class Pending:
+    """A message between its arrival over MQTT and its PubAck."""
+
+    mid: int
+    qos: int
+    subject: str
+    payload: bytes
+    headers: dict[str, str]
+    sent_at: float = 0.0
+    attempts: int = 0
+    future: asyncio.Future[Any] | None = field(default=None, repr=False)
+
+
+class RouteCache:
+    """logical id → Route, from the public registry; unknown ids are remembered briefly."""
+
+    ttl = 60.0
+    missing_ttl = 5.0
+
+    def __init__(self) -> None:
+        self._routes: dict[str, tuple[float, Route | None]] = {}
+
+    def get(self, logical_id: str) -> tuple[bool, Route | None]:
+        """(known to the cache, route or None)."""
+        entry = self._routes.get(logical_id)
+        if entry is not None and entry[0] > time.monotonic():
+            ROUTE_LOOKUPS.labels("cache").inc()
+            return True, entry[1]
+        return False, None
+
+    def load(self, logical_ids: list[str] | None = None) -> None:
+        """Read routes from the registry (all of them, or the ids given). Database thread only."""
+        close_old_connections()
+        use_public_schema()
+        query = (
+            "SELECT r.logical_identifier, o.schema_name, r.device_id FROM public.device_registry r "
+            "JOIN public.organizations o ON o.id = r.tenant_id"
+        )
+        params: list[Any] = []
+        if logical_ids is not None:
+            query += " WHERE r.logical_identifier = ANY(%s)"
+            params = [logical_ids]
+            ROUTE_LOOKUPS.labels("database").inc(len(logical_ids))
+        with connection.cursor() as cursor:
+            cursor.execute(query, params)
+            rows = cursor.fetchall()
+        now = time.monotonic()
+        found = {row[0] for row in rows}
+        for logical_id, schema, device_id in rows:
+            self._routes[logical_id] = (now + self.ttl, Route(schema=schema, device_id=device_id))
+        for logical_id in logical_ids or []:
+            if logical_id not in found:
+                self._routes[logical_id] = (now + self.missing_ttl, None)
+
+    def forget(self, logical_id: str) -> None:
+        """Drop one route (its device changed)."""
+        self._routes.pop(logical_id, None)
+
+    def clear(self) -> None:
+        """Drop every route."""
+        self._routes.clear()
+
+    def invalidate(self, kind: str, schema: str, key: str) -> None:
+        """Apply a profile invalidation (see telemetry.profiles)."""
+        if kind == "device":
+            self.forget(key)
+
+
+class MqttBridge:
+    """Moves device messages from the MQTT broker into JetStream; `step()` forwards one batch."""
+
+    batch = 2000
+    publish_timeout = 5.0
+
+    def __init__(
+        self,
+        *,
+        mqtt_url: str | None = None,
+        nats_url: str | None = None,
+        client_id: str | None = None,
+        share_group: str | None = None,
+        max_inflight: int | None = None,
+    ) -> None:
+        self.mqtt_url = urlparse(mqtt_url or settings.MQTT_URL)
+        self.nats_url = nats_url or settings.NATS_URL
+        self.client_id = client_id or settings.ARGUS_BRIDGE_CLIENT_ID
+        share_group = settings.ARGUS_BRIDGE_SHARE_GROUP if share_group is None else share_group
+        self.topic = f"$share/{share_group}/{TOPIC}" if share_group else TOPIC
+        self.max_inflight = max_inflight or settings.ARGUS_BRIDGE_MAX_INFLIGHT
+        self.max_payload = settings.ARGUS_MAX_PAYLOAD_BYTES
+        self.routes = RouteCache()
+        self._incoming: deque[mqtt.MQTTMessage] = deque()
+        self._inflight: dict[str, Pending] = {}
+        self._draining = False
+        self._nc: NATS | None = None
+        self._js: JetStreamContext | None = None
+        self._client: mqtt.Client | None = None
+        self._last_sweep = 0.0
+        self.subscribed = asyncio.Event()
+
+    # -- lifecycle --
+
+    async def start(self) -> None:
+        """Connect to NATS (streams declared), load routes, then connect to the broker."""
+        self._loop = asyncio.get_running_loop()
+        self._nc = await nats.connect(
+            self.nats_url,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=1,
+            error_cb=self._nats_error,
+        )
+        self._js = self._nc.jetstream(publish_async_max_pending=self.max_inflight)
+        await js_defs.ensure_streams(self._js)
+        await asyncio.to_thread(self.routes.load)
+        self._client = self._make_client()
+        self._client.connect_async(
+            self.mqtt_url.hostname or "127.0.0.1",
+            self.mqtt_url.port or (8883 if self.mqtt_url.scheme == "mqtts" else 1883),
+            keepalive=30,
+            clean_start=False,
+            properties=self._connect_properties(),
+        )
+        self._client.loop_start()
+
+    async def close(self) -> None:
+        """Stop taking messages, finish those in hand (publish + ack), then disconnect."""
+        self._draining = True
+        deadline = time.monotonic() + 30
+        while (self._incoming or self._inflight) and time.monotonic() < deadline:
+            if not await self.step():
+                await asyncio.sleep(0.01)
+        if self._inflight or self._incoming:
+            log.warning(
+                "bridge stopping with %d messages unacknowledged; the broker will redeliver them",
+                len(self._inflight) + len(self._incoming),
+            )
+        if self._client is not None:
+            # Let the PUBACKs reach the broker before the DISCONNECT.
+            await asyncio.sleep(0.2)
+            self._client.disconnect()
+            self._client.loop_stop()
+        if self._nc is not None:
+            await self._nc.drain()
+
+    # -- work --
+
+    async def step(self) -> bool:
+        """Route and publish what has arrived; retry timed-out publishes. False when idle."""
+        self._sweep()
+        if not self._incoming:
+            await asyncio.sleep(0.002)
+            return False
+        batch: list[mqtt.MQTTMessage] = []
+        while self._incoming and len(batch) < self.batch:
+            batch.append(self._incoming.popleft())
+        unknown = {logical_id for logical_id in map(_logical_id, batch) if not self.routes.get(logical_id)[0]}
+        if unknown:
+            await asyncio.to_thread(self.routes.load, sorted(unknown))
+        for message in batch:
+            await self._forward(message)
+        return True
+
+    async def _forward(self, message: mqtt.MQTTMessage) -> None:
+        logical_id = _logical_id(message)
+        payload = message.payload
+        received_ms = js_defs.now_ms()
+        _, route = self.routes.get(logical_id)
+        reason = None
+        if route is None:
+            reason = ("unknown_device", f"no device {logical_id!r} on this platform")
+        elif len(payload) > self.max_payload:
+            reason = ("oversized", f"payload of {len(payload)} bytes exceeds {self.max_payload}")
+        else:
+            try:
+                payload.decode("utf-8")
+            except UnicodeDecodeError:
+                reason = ("not_utf8", "payload is not valid UTF-8")
+        headers = js_defs.telemetry_headers(logical_id=logical_id, received_ms=received_ms, transport="mqtt")
+        if reason is not None:
+            code, text = reason
+            headers[js_defs.H_REASON] = text
+            headers["Argus-Topic"] = message.topic
+            subject = js_defs.deadletter_subject(code)
+            DEAD_LETTERED.labels(code).inc()
+            log.warning("dead-letter code=%s device=%s bytes=%d", code, logical_id[:128], len(payload))
+        else:
+            assert route is not None
+            subject = js_defs.telemetry_subject(route.schema, route.device_id)
+        pending = Pending(mid=message.mid, qos=message.qos, subject=subject, payload=payload, headers=headers)
+        self._inflight[headers[js_defs.H_MSG_ID]] = pending
+        INFLIGHT.set(len(self._inflight))
+        await self._publish(pending)
+
+    async def _publish(self, pending: Pending) -> None:
+        assert self._js is not None
+        pending.sent_at = time.monotonic()
+        pending.attempts += 1
+        try:
+            future = await self._js.publish_async(pending.subject, pending.payload, headers=pending.headers)
+        except Exception as exc:  # noqa: BLE001 - logged and retried by the sweep
+            # Not connected or window stalled: the sweep tries again after the timeout.
+            log.warning("publish failed, will retry subject=%s: %s", pending.subject, exc)
+            return
+        pending.future = future
+        future.add_done_callback(functools.partial(self._published, pending))
+
+    def _published(self, pending: Pending, future: asyncio.Future[Any]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            # Left in flight: the sweep republishes it with the same message id.
+            if not future.cancelled():
+                log.warning("publish not acknowledged subject=%s: %s", pending.subject, future.exception())
+            return
+        key = pending.headers[js_defs.H_MSG_ID]
+        if self._inflight.pop(key, None) is None:
+            return
+        INFLIGHT.set(len(self._inflight))
+        if pending.qos > 0 and self._client is not None:
+            self._client.ack(pending.mid, pending.qos)
+        FORWARDED.inc()
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        if now - self._last_sweep < 1.0:
+            return
+        self._last_sweep = now
+        for pending in list(self._inflight.values()):
+            if now - pending.sent_at > self.publish_timeout:
+                if pending.future is not None and not pending.future.done():
+                    pending.future.cancel()
+                PUBLISH_RETRIES.inc()
+                self._loop.create_task(self._publish(pending))
+
+    # -- MQTT side (paho's thread) --
+
+    def _make_client(self) -> mqtt.Client:
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=mqtt.MQTTv5,
+            manual_ack=True,
+        )
+        if self.mqtt_url.scheme == "mqtts":
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=settings.ARGUS_BRIDGE_CA)
+            context.load_cert_chain(settings.ARGUS_BRIDGE_CERT, settings.ARGUS_BRIDGE_KEY)
+            client.tls_set_context(context)
+        if self.mqtt_url.username:
+            client.username_pw_set(self.mqtt_url.username, self.mqtt_url.password)
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.max_inflight_messages_set(self.max_inflight)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        return client
+
+    def _connect_properties(self) -> Properties:
+        properties = Properties(PacketTypes.CONNECT)
+        # Keep the session (and the broker's queue of messages for us) while we are away.
+        properties.SessionExpiryInterval = settings.ARGUS_BRIDGE_SESSION_EXPIRY_SECONDS
+        properties.ReceiveMaximum = min(self.max_inflight, 65535)
+        return properties
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if reason.is_failure:
+            log.error("mqtt connect refused: %s", reason)
+            return
+        MQTT_CONNECTED.set(1)
+        log.info("mqtt connected url=%s session_present=%s", self.mqtt_url.geturl(), flags.session_present)
+        client.subscribe(self.topic, qos=1)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
+        log.info("mqtt subscribed topic=%s reasons=%s", self.topic, [str(r) for r in reasons])
+        self._loop.call_soon_threadsafe(self.subscribed.set)
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        MQTT_CONNECTED.set(0)
+        if not self._draining:
+            log.warning("mqtt disconnected: %s (reconnecting)", reason)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if self._draining:
+            # Not acknowledged: the broker keeps it in our session and redelivers it.
+            return
+        RECEIVED.inc()
+        self._incoming.append(message)
+
+    async def _nats_error(self, exc: Exception) -> None:
+        log.warning("nats error: %s", exc)
+
+
+def _logical_id(message: mqtt.MQTTMessage) -> str:
+    # devices/<logical id>/telemetry (the subscription guarantees the shape)
+    return message.topic.split("/", 2)[1]

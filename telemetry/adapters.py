@@ -1,0 +1,198 @@
+"""Protocol adapters: decode a message's bytes into a document and its readings.
+
+An adapter never raises for bad input from a device: it raises `Rejected` with a reason, and
+the caller records the message as a rejected raw row. Shapes are those of CONTRACT.md §2.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+
+class Rejected(Exception):
+    """A message the platform refuses, with the reason stored beside it."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class Reading:
+    """Metric values of one device (the sender or one of its children) at one time."""
+
+    child_id: str | None  # None: the sending device itself
+    time: datetime
+    values: dict[str, float]
+
+
+@dataclass(slots=True)
+class ChunkInfo:
+    """Where a message sits in a chunked transaction."""
+
+    transaction_id: str
+    index: int
+    total: int
+
+
+@dataclass(slots=True)
+class Decoded:
+    """A decoded message: the document the type's JSON Schema checks, and its readings."""
+
+    document: Any
+    msg_id: str | None
+    readings: list[Reading] = field(default_factory=list)
+    chunk: ChunkInfo | None = None
+
+
+def parse_time(value: Any, received_at: datetime, where: str) -> datetime:
+    """A reading time from epoch milliseconds or RFC 3339; the receive time when absent."""
+    if value is None:
+        return received_at
+    if isinstance(value, bool):
+        raise Rejected(f"{where}ts must be epoch milliseconds or an RFC 3339 string")
+    if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise Rejected(f"{where}ts is not a finite number")
+        try:
+            return datetime.fromtimestamp(value / 1000, tz=UTC)
+        except (OverflowError, OSError, ValueError):
+            raise Rejected(f"{where}ts {value!r} is out of range") from None
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+        except ValueError:
+            raise Rejected(f"{where}ts {value[:40]!r} is not RFC 3339") from None
+        if parsed.tzinfo is None:
+            raise Rejected(f"{where}ts {value[:40]!r} has no time zone offset")
+        return parsed.astimezone(UTC)
+    raise Rejected(f"{where}ts must be epoch milliseconds or an RFC 3339 string")
+
+
+def parse_values(values: Any, where: str) -> dict[str, float]:
+    """Metric name -> finite float."""
+    if not isinstance(values, dict) or not values:
+        raise Rejected(f"{where}values must be a non-empty object of metric: number")
+    parsed: dict[str, float] = {}
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise Rejected(f"{where}values.{key} is not a number")
+        number = float(value)
+        if not math.isfinite(number):
+            raise Rejected(f"{where}values.{key} is not a finite number")
+        if len(key) > 64:
+            raise Rejected(f"{where}metric name longer than 64 characters")
+        parsed[key] = number
+    return parsed
+
+
+def load_json(payload: bytes) -> Any:
+    """Strict JSON: UTF-8, no NaN/Infinity literals."""
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        if "utf-8" in str(exc).lower():
+            raise Rejected("payload is not valid UTF-8") from None
+        raise Rejected(f"malformed JSON: {exc}") from None
+
+
+def _msg_id(document: dict[str, Any]) -> str | None:
+    msg_id = document.get("msg_id")
+    if msg_id is None:
+        return None
+    if not isinstance(msg_id, str | int) or isinstance(msg_id, bool) or not str(msg_id) or len(str(msg_id)) > 200:
+        raise Rejected("msg_id must be a non-empty string of at most 200 characters")
+    return str(msg_id)
+
+
+def _children(document: dict[str, Any], received_at: datetime, max_children: int) -> list[Reading]:
+    children = document.get("children")
+    if not isinstance(children, list) or not children:
+        raise Rejected("children must be a non-empty list")
+    if len(children) > max_children:
+        raise Rejected(f"{len(children)} children, more than the type's limit of {max_children}")
+    base_time = parse_time(document.get("ts"), received_at, "")
+    readings = []
+    for i, child in enumerate(children):
+        where = f"children[{i}]."
+        if not isinstance(child, dict):
+            raise Rejected(f"children[{i}] must be an object")
+        child_id = child.get("id")
+        if not isinstance(child_id, str) or not child_id:
+            raise Rejected(f"{where}id must be a non-empty string")
+        time = parse_time(child["ts"], received_at, where) if "ts" in child else base_time
+        readings.append(Reading(child_id=child_id, time=time, values=parse_values(child.get("values"), where)))
+    return readings
+
+
+def _chunk_info(document: dict[str, Any]) -> ChunkInfo:
+    transaction_id, index, total = document.get("transaction_id"), document.get("chunk"), document.get("total")
+    if not isinstance(transaction_id, str) or not transaction_id or len(transaction_id) > 128:
+        raise Rejected("transaction_id must be a non-empty string of at most 128 characters")
+    if not isinstance(total, int) or isinstance(total, bool) or total < 1:
+        raise Rejected("total must be a positive integer")
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < total:
+        raise Rejected(f"chunk must be an integer in 0..{total - 1}")
+    return ChunkInfo(transaction_id=transaction_id, index=index, total=total)
+
+
+def decode_argus_json(payload: bytes, mode: str, received_at: datetime, max_children: int) -> Decoded:
+    """The Argus JSON shapes: endpoint object or list, gateway object, chunk of a gateway message."""
+    document = load_json(payload)
+    if mode == "endpoint":
+        items = document if isinstance(document, list) else [document]
+        if not items:
+            raise Rejected("empty list of readings")
+        msg_id = _msg_id(document) if isinstance(document, dict) else None
+        readings = []
+        for i, item in enumerate(items):
+            where = f"[{i}]." if isinstance(document, list) else ""
+            if not isinstance(item, dict):
+                raise Rejected(f"{where or 'message '}must be an object with values")
+            readings.append(
+                Reading(
+                    child_id=None,
+                    time=parse_time(item.get("ts"), received_at, where),
+                    values=parse_values(item.get("values"), where),
+                )
+            )
+        return Decoded(document=document, msg_id=msg_id, readings=readings)
+    if not isinstance(document, dict):
+        raise Rejected("a gateway message must be a JSON object")
+    msg_id = _msg_id(document)
+    if mode == "gateway":
+        return Decoded(document=document, msg_id=msg_id, readings=_children(document, received_at, max_children))
+    if mode == "gateway_chunked":
+        chunk = _chunk_info(document)
+        # Each chunk is checked on its own now; the whole is validated again at reassembly.
+        readings = _children(document, received_at, max_children)
+        return Decoded(document=document, msg_id=msg_id, readings=readings, chunk=chunk)
+    raise Rejected(f"unknown processing mode {mode!r}")
+
+
+def decode_flat_json(payload: bytes, mode: str, received_at: datetime, max_children: int) -> Decoded:
+    """A flat object of metrics, as cheap sensors send it: {"temperature": 21.5, "ts": ...}."""
+    if mode != "endpoint":
+        raise Rejected("the flat_json adapter only serves endpoint devices")
+    document = load_json(payload)
+    if not isinstance(document, dict):
+        raise Rejected("message must be a JSON object of metric: number")
+    values = {k: v for k, v in document.items() if k not in ("ts", "msg_id")}
+    reading = Reading(
+        child_id=None, time=parse_time(document.get("ts"), received_at, ""), values=parse_values(values, "")
+    )
+    return Decoded(document=document, msg_id=_msg_id(document), readings=[reading])
+
+
+Adapter = Callable[[bytes, str, datetime, int], Decoded]
+
+ADAPTERS: dict[str, Adapter] = {
+    "argus_json": decode_argus_json,
+    "flat_json": decode_flat_json,
+}

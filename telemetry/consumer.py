@@ -1,0 +1,293 @@
+"""The JetStream → PostgreSQL consumer behind `manage.py runingest`.
+
+`IngestConsumer.step()` pulls one batch, stores it (one transaction per tenant, in a dedicated
+database thread so the event loop keeps the NATS connection alive), then acknowledges what was
+committed. A message is acknowledged only after its commit; a batch that fails as a whole is
+retried message by message so one poison message cannot block the others, and a message that
+keeps failing is dead-lettered after `ARGUS_INGEST_MAX_DELIVER` deliveries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import nats
+from django.conf import settings
+from django.db import close_old_connections
+from django_tenants.utils import schema_context
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from prometheus_client import Counter, Gauge, Histogram
+
+from argus.models import Organization
+from telemetry import jetstream as js_defs
+from telemetry.ingest import BatchResult, IncomingMessage, ingest_batch
+from telemetry.profiles import ProfileCache
+
+log = logging.getLogger(__name__)
+
+MESSAGES = Counter("argus_ingest_messages_total", "Messages handled by outcome", ["outcome"])
+READINGS = Counter("argus_ingest_readings_total", "Readings written to telemetry_history")
+BATCH_SIZE = Histogram(
+    "argus_ingest_batch_messages", "Messages per fetched batch", buckets=(1, 10, 50, 100, 250, 500, 1000, 2000)
+)
+BATCH_SECONDS = Histogram("argus_ingest_batch_seconds", "Time to store one fetched batch")
+LAG = Gauge("argus_ingest_pending_messages", "Messages waiting in the consumer (JetStream lag)")
+E2E_LATENCY = Histogram(
+    "argus_ingest_latency_seconds",
+    "Receive time at the bridge/API to commit",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
+
+@dataclass(eq=False)  # identity: envelopes go in sets
+class Envelope:
+    """A fetched JetStream message with what its subject and headers say."""
+
+    msg: Msg
+    schema: str
+    incoming: IncomingMessage
+    deliveries: int
+
+
+@dataclass
+class StepOutcome:
+    """What one step did (for logs and tests)."""
+
+    fetched: int = 0
+    acked: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    results: dict[str, BatchResult] = field(default_factory=dict)
+
+
+class IngestConsumer:
+    """Pulls telemetry from JetStream and stores it; `step()` does one batch."""
+
+    def __init__(
+        self,
+        *,
+        nats_url: str | None = None,
+        batch_size: int | None = None,
+        batch_wait: float | None = None,
+        profiles: ProfileCache | None = None,
+        after_commit: Callable[[str, BatchResult], None] | None = None,
+    ) -> None:
+        self.nats_url = nats_url or settings.NATS_URL
+        self.batch_size = batch_size or settings.ARGUS_INGEST_BATCH
+        self.batch_wait = batch_wait if batch_wait is not None else settings.ARGUS_INGEST_BATCH_WAIT_SECONDS
+        self.max_deliver = settings.ARGUS_INGEST_MAX_DELIVER
+        self.profiles = profiles or ProfileCache()
+        self.after_commit = after_commit
+        self._nc: NATS | None = None
+        self._js: JetStreamContext | None = None
+        self._sub: JetStreamContext.PullSubscription | None = None
+        # Django connections are per thread: all database work happens on this one.
+        self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-db")
+        self._known_schemas: dict[str, float] = {}
+        self._last_lag_check = 0.0
+
+    async def start(self) -> None:
+        """Connect to NATS, declare the streams and bind to the durable consumer."""
+        self._nc = await nats.connect(
+            self.nats_url,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=1,
+            error_cb=_log_nats_error,
+            disconnected_cb=_log_nats_event("disconnected"),
+            reconnected_cb=_log_nats_event("reconnected"),
+        )
+        self._js = self._nc.jetstream()
+        await js_defs.ensure_streams(self._js)
+        self._sub = await self._js.pull_subscribe_bind(
+            durable=js_defs.INGEST_CONSUMER, stream=js_defs.TELEMETRY_STREAM, pending_msgs_limit=4 * self.batch_size
+        )
+
+    async def close(self) -> None:
+        """Disconnect (after the batch in hand has been acknowledged)."""
+        if self._nc is not None:
+            # Acks are plain publishes: flush them out before closing. (drain() would wait for
+            # the pull subscription's open request to expire.)
+            await self._nc.flush(timeout=5)
+            await self._nc.close()
+        self._db.shutdown(wait=True)
+
+    async def step(self) -> bool:
+        """Fetch, store and acknowledge one batch; False when there was nothing to do."""
+        assert self._sub is not None
+        try:
+            # Our own deadline too: some nats-server versions end a pull without its status.
+            msgs = await asyncio.wait_for(
+                self._sub.fetch(self.batch_size, timeout=max(self.batch_wait, 0.05)), timeout=self.batch_wait + 2
+            )
+        except (TimeoutError, nats.errors.TimeoutError):
+            await self._report_lag()
+            return False
+        outcome = await self.handle(msgs)
+        await self._report_lag()
+        return outcome.fetched > 0
+
+    async def handle(self, msgs: list[Msg]) -> StepOutcome:
+        """Store a fetched batch and settle every message in it (ack, nak or dead-letter)."""
+        started = time.perf_counter()
+        outcome = StepOutcome(fetched=len(msgs))
+        BATCH_SIZE.observe(len(msgs))
+        by_schema: dict[str, list[Envelope]] = defaultdict(list)
+        for msg in msgs:
+            envelope, problem = self._open(msg)
+            if envelope is None:
+                await self._dead_letter(msg, "malformed_envelope", problem)
+                outcome.dead_lettered += 1
+            elif envelope.deliveries > self.max_deliver:
+                await self._dead_letter(msg, "max_deliveries", f"failed {self.max_deliver} deliveries")
+                outcome.dead_lettered += 1
+            else:
+                by_schema[envelope.schema].append(envelope)
+
+        loop = asyncio.get_running_loop()
+        stored, failed, unknown = await loop.run_in_executor(self._db, self._store, dict(by_schema))
+        for schema, result in stored.items():
+            outcome.results[schema] = result
+        for envelope in unknown:
+            await self._dead_letter(envelope.msg, "unknown_tenant", f"no tenant schema {envelope.schema!r}")
+            outcome.dead_lettered += 1
+        committed = [e for schema in stored for e in by_schema[schema] if e not in failed]
+        for envelope in committed:
+            await envelope.msg.ack()
+        outcome.acked = len(committed)
+        for envelope in failed:
+            # Back off so a transient fault (database restart) is not hammered.
+            await envelope.msg.nak(delay=min(2.0**envelope.deliveries, 30.0))
+        outcome.retried = len(failed)
+        now = time.time()
+        for envelope in committed:
+            E2E_LATENCY.observe(max(0.0, now - envelope.incoming.received_at.timestamp()))
+        for schema, result in stored.items():
+            MESSAGES.labels("accepted").inc(result.accepted)
+            MESSAGES.labels("rejected").inc(result.rejected)
+            MESSAGES.labels("duplicate").inc(result.duplicates)
+            READINGS.inc(result.readings)
+            if self.after_commit is not None:
+                self.after_commit(schema, result)
+        MESSAGES.labels("dead_lettered").inc(outcome.dead_lettered)
+        MESSAGES.labels("retried").inc(outcome.retried)
+        BATCH_SECONDS.observe(time.perf_counter() - started)
+        return outcome
+
+    # -- database thread --
+
+    def _store(
+        self, by_schema: dict[str, list[Envelope]]
+    ) -> tuple[dict[str, BatchResult], set[Envelope], list[Envelope]]:
+        """Store each tenant's messages in its own transaction (runs on the database thread)."""
+        close_old_connections()
+        stored: dict[str, BatchResult] = {}
+        failed: set[Envelope] = set()
+        unknown: list[Envelope] = []
+        for schema, envelopes in by_schema.items():
+            if not self._schema_exists(schema):
+                unknown.extend(envelopes)
+                continue
+            with schema_context(schema):
+                try:
+                    stored[schema] = ingest_batch(messages=[e.incoming for e in envelopes], profiles=self.profiles)
+                    continue
+                except Exception:
+                    log.exception("batch failed schema=%s messages=%d; retrying one by one", schema, len(envelopes))
+                    close_old_connections()
+                total = BatchResult()
+                for envelope in envelopes:
+                    try:
+                        result = ingest_batch(messages=[envelope.incoming], profiles=self.profiles)
+                    except Exception:
+                        log.exception(
+                            "message failed schema=%s device=%s key=%s delivery=%d",
+                            schema,
+                            envelope.incoming.logical_id,
+                            envelope.incoming.key,
+                            envelope.deliveries,
+                        )
+                        failed.add(envelope)
+                        continue
+                    _merge(total, result)
+                stored[schema] = total
+        return stored, failed, unknown
+
+    def _schema_exists(self, schema: str) -> bool:
+        checked = self._known_schemas.get(schema)
+        if checked is not None and checked > time.monotonic():
+            return True
+        if Organization.objects.filter(schema_name=schema).exists():
+            self._known_schemas[schema] = time.monotonic() + 60
+            return True
+        return False
+
+    # -- helpers --
+
+    def _open(self, msg: Msg) -> tuple[Envelope | None, str]:
+        parts = msg.subject.split(".")
+        headers = msg.headers or {}
+        if len(parts) != 3 or parts[0] != "telemetry":
+            return None, f"unexpected subject {msg.subject!r}"
+        try:
+            received_ms = float(headers[js_defs.H_RECEIVED])
+            logical_id = headers[js_defs.H_DEVICE]
+            key = headers[js_defs.H_MSG_ID]
+        except (KeyError, ValueError) as exc:
+            return None, f"missing or bad header: {exc}"
+        incoming = IncomingMessage(
+            key=key,
+            logical_id=logical_id,
+            received_at=datetime.fromtimestamp(received_ms / 1000, tz=UTC),
+            payload=msg.data,
+            transport=headers.get(js_defs.H_TRANSPORT, "mqtt"),
+        )
+        return Envelope(msg=msg, schema=parts[1], incoming=incoming, deliveries=msg.metadata.num_delivered), ""
+
+    async def _dead_letter(self, msg: Msg, code: str, reason: str) -> None:
+        assert self._js is not None
+        headers = dict(msg.headers or {})
+        headers.pop(js_defs.H_MSG_ID, None)
+        headers[js_defs.H_REASON] = reason[:500]
+        headers["Argus-Original-Subject"] = msg.subject
+        await self._js.publish(js_defs.deadletter_subject(code), msg.data, headers=headers)
+        await msg.ack()
+        log.warning("dead-lettered code=%s subject=%s reason=%s", code, msg.subject, reason)
+
+    async def _report_lag(self) -> None:
+        if self._sub is None or time.monotonic() - self._last_lag_check < 5:
+            return
+        self._last_lag_check = time.monotonic()
+        try:
+            info = await self._sub.consumer_info()
+            LAG.set(info.num_pending or 0)
+        except Exception:
+            log.exception("could not read consumer info")
+
+
+def _merge(total: BatchResult, result: BatchResult) -> None:
+    total.accepted += result.accepted
+    total.rejected += result.rejected
+    total.duplicates += result.duplicates
+    total.readings += result.readings
+    total.children_registered += result.children_registered
+    total.latest.update(result.latest)
+
+
+async def _log_nats_error(exc: Exception) -> None:
+    log.warning("nats error: %s", exc)
+
+
+def _log_nats_event(event: str) -> Callable[[], asyncio.Future[None]]:
+    async def callback() -> None:
+        log.warning("nats %s", event)
+
+    return callback  # type: ignore[return-value]

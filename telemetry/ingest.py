@@ -1,0 +1,344 @@
+"""The ingest service: one tenant's batch of messages -> raw rows + readings, in one transaction.
+
+Called by the JetStream consumer inside the tenant's schema. Bad input never raises: each
+message ends as an accepted raw row with its readings, or a rejected raw row with its reason.
+Redelivered messages are absorbed by the unique `ingest_key` of `telemetry_raw`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
+
+from argus.registry import current_schema, current_tenant
+from devices.models import DeviceRole, DeviceStatus, ProcessingMode
+from telemetry.adapters import ADAPTERS, Decoded, Rejected
+from telemetry.models import RawStatus
+from telemetry.profiles import DeviceProfile, ProfileCache, TypeProfile
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class IncomingMessage:
+    """One message as the bridge or the HTTP endpoint handed it to the stream."""
+
+    key: str  # the stream message id (Nats-Msg-Id), unique per received message
+    logical_id: str
+    received_at: datetime
+    payload: bytes
+    transport: str = "mqtt"
+
+
+@dataclass(slots=True)
+class _Prepared:
+    message: IncomingMessage
+    device: DeviceProfile | None
+    device_type: TypeProfile | None
+    decoded: Decoded | None = None
+    status: str = RawStatus.ACCEPTED
+    reason: str = ""
+    # (device id, time, values) once children are resolved
+    rows: list[tuple[int, datetime, dict[str, float]]] = field(default_factory=list)
+
+    def reject(self, reason: str) -> None:
+        self.status = RawStatus.REJECTED
+        self.reason = reason[:1000]
+        self.rows = []
+
+    @property
+    def ingest_key(self) -> str:
+        if self.decoded is not None and self.decoded.msg_id is not None:
+            return f"{self.message.logical_id}/m/{self.decoded.msg_id}"
+        return f"{self.message.logical_id}/n/{self.message.key}"
+
+
+@dataclass
+class BatchResult:
+    """What a batch did: outcomes per message and the newest values per device."""
+
+    accepted: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+    readings: int = 0
+    children_registered: int = 0
+    chunks: int = 0
+    conflicts: int = 0
+    # device id -> (time, {metric: value}) of its newest reading in this batch
+    latest: dict[int, tuple[datetime, dict[str, float]]] = field(default_factory=dict)
+    completed_transactions: list[int] = field(default_factory=list)
+
+
+STAGE_TABLES = """
+CREATE TEMP TABLE IF NOT EXISTS ingest_raw_stage (
+    device_id bigint, logical_identifier text, msg_id text, ingest_key text, payload bytea,
+    received_at timestamptz, transport text, status text, reason text, readings integer
+) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS ingest_history_stage (
+    time timestamptz, device_id bigint, metric text, value double precision, raw_id bigint
+) ON COMMIT DELETE ROWS;
+"""
+
+
+def ingest_batch(*, messages: Sequence[IncomingMessage], profiles: ProfileCache) -> BatchResult:
+    """Store one tenant's messages (call inside its schema_context); commits before returning."""
+    schema = current_schema()
+    now = timezone.now()
+    prepared = [_prepare(m, schema, profiles, now) for m in messages]
+    with transaction.atomic():
+        registered = _resolve_children(prepared, schema, profiles)
+        result = _write(prepared)
+        result.children_registered = len(registered)
+    # Only now are the new children real for other transactions too.
+    for profile in registered:
+        profiles.remember_device(schema, profile)
+    return result
+
+
+def _prepare(message: IncomingMessage, schema: str, profiles: ProfileCache, now: datetime) -> _Prepared:
+    device = profiles.device(schema, message.logical_id)
+    device_type = profiles.device_type(schema, device.device_type_id) if device else None
+    item = _Prepared(message=message, device=device, device_type=device_type)
+    if device is None or device_type is None:
+        item.reject("unknown device")
+        return item
+    if device.status != DeviceStatus.ACTIVE:
+        item.reject(f"device is {device.status}")
+        return item
+    if len(message.payload) > settings.ARGUS_MAX_PAYLOAD_BYTES:
+        item.reject(f"payload of {len(message.payload)} bytes exceeds {settings.ARGUS_MAX_PAYLOAD_BYTES}")
+        return item
+    try:
+        decoded = ADAPTERS[device_type.protocol_adapter](
+            message.payload, device_type.processing_mode, message.received_at, device_type.max_children
+        )
+        item.decoded = decoded
+        error = device_type.schema_error(decoded.document)
+        if error:
+            raise Rejected(error)
+        _check_times(decoded, message.received_at)
+    except Rejected as exc:
+        item.reject(exc.reason)
+        return item
+    if decoded.chunk is not None:
+        # Chunked gateways are reassembled in telemetry.chunks (not part of this path yet).
+        item.reject("chunked gateway messages are not supported by this ingest version")
+        return item
+    if device_type.processing_mode == ProcessingMode.ENDPOINT:
+        item.rows = [(device.id, r.time, r.values) for r in decoded.readings]
+    return item
+
+
+def _check_times(decoded: Decoded, received_at: datetime) -> None:
+    earliest = received_at - timedelta(seconds=settings.ARGUS_MAX_PAST_SECONDS)
+    latest = received_at + timedelta(seconds=settings.ARGUS_MAX_FUTURE_SECONDS)
+    for reading in decoded.readings:
+        if not earliest <= reading.time <= latest:
+            raise Rejected(f"timestamp {reading.time.isoformat()} is too far from the receive time")
+
+
+def _resolve_children(prepared: list[_Prepared], schema: str, profiles: ProfileCache) -> list[DeviceProfile]:
+    """Map gateway children to device ids, registering unknown ones where the type allows."""
+    gateway_items = [p for p in prepared if p.status == RawStatus.ACCEPTED and p.decoded and not p.rows]
+    gateway_items = [
+        p for p in gateway_items if p.decoded is not None and p.decoded.readings and p.decoded.readings[0].child_id
+    ]
+    if not gateway_items:
+        return []
+    wanted = sorted({r.child_id for p in gateway_items for r in p.decoded.readings if r.child_id})  # type: ignore[union-attr]
+    known = profiles.devices(schema, wanted)
+    to_register: dict[str, _Prepared] = {}
+    for item in gateway_items:
+        assert item.decoded is not None and item.device is not None and item.device_type is not None
+        unknown = [r.child_id for r in item.decoded.readings if r.child_id not in known]
+        if unknown and not item.device_type.auto_register_children:
+            item.reject(f"unknown child device {unknown[0]} (automatic registration is off for this type)")
+            continue
+        for child_id in unknown:
+            to_register.setdefault(child_id, item)  # type: ignore[arg-type]
+    registered = _register_children(schema, to_register)
+    known.update({p.logical_identifier: p for p in registered})
+    for item in gateway_items:
+        if item.status != RawStatus.ACCEPTED:
+            continue
+        assert item.decoded is not None and item.device is not None
+        for reading in item.decoded.readings:
+            child = known.get(reading.child_id or "")
+            if child is None:
+                item.reject(f"child device {reading.child_id} could not be registered (used by another tenant)")
+                break
+            if child.parent_device_id != item.device.id:
+                item.reject(f"child device {reading.child_id} belongs to another gateway")
+                break
+            if child.status != DeviceStatus.ACTIVE:
+                item.reject(f"child device {reading.child_id} is {child.status}")
+                break
+            item.rows.append((child.id, reading.time, reading.values))
+    return registered
+
+
+def _register_children(schema: str, to_register: dict[str, _Prepared]) -> list[DeviceProfile]:
+    """Insert unknown children (and their registry rows) in the current transaction."""
+    if not to_register:
+        return []
+    tenant = current_tenant()
+    ids = list(to_register)
+    with connection.cursor() as cursor:
+        # Identifiers another tenant already owns are left out (and rejected by the caller).
+        cursor.execute(
+            "SELECT logical_identifier FROM public.device_registry "
+            "WHERE logical_identifier = ANY(%s) AND tenant_id <> %s",
+            [ids, tenant.pk],
+        )
+        foreign = {row[0] for row in cursor.fetchall()}
+        ids = [i for i in ids if i not in foreign]
+        if not ids:
+            return []
+        gateways = [to_register[i] for i in ids]
+        now = timezone.now()
+        cursor.execute(
+            """
+            INSERT INTO devices (device_type_id, name, logical_identifier, device_role, parent_device_id,
+                                 network_metadata, protocol, status, metadata, created_at, updated_at)
+            SELECT t, n, l, %s, p, '{"auto_registered": true}'::jsonb, 'mqtt', 'active', '{}'::jsonb, %s, %s
+            FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::bigint[]) AS v(t, n, l, p)
+            ON CONFLICT (logical_identifier) DO NOTHING
+            """,
+            [
+                DeviceRole.CHILD,
+                now,
+                now,
+                [g.device_type.child_device_type_id or g.device_type.id for g in gateways],  # type: ignore[union-attr]
+                ids,
+                ids,
+                [g.device.id for g in gateways],  # type: ignore[union-attr]
+            ],
+        )
+        cursor.execute(
+            "SELECT id, logical_identifier, device_type_id, parent_device_id, device_role, status "
+            "FROM devices WHERE logical_identifier = ANY(%s)",
+            [ids],
+        )
+        profiles = [DeviceProfile(*row) for row in cursor.fetchall()]
+        cursor.execute(
+            """
+            INSERT INTO public.device_registry (logical_identifier, tenant_id, device_id, created_at)
+            SELECT l, %s, d, now() FROM unnest(%s::text[], %s::bigint[]) AS v(l, d)
+            ON CONFLICT (logical_identifier) DO NOTHING
+            """,
+            [tenant.pk, [p.logical_identifier for p in profiles], [p.id for p in profiles]],
+        )
+    log.info("children registered schema=%s count=%d", schema, len(profiles))
+    return profiles
+
+
+def _write(prepared: list[_Prepared]) -> BatchResult:
+    """COPY the batch into staging, insert what is new, then its readings; one transaction."""
+    result = BatchResult()
+    unique: dict[str, _Prepared] = {}
+    for item in prepared:
+        if item.ingest_key in unique:
+            result.duplicates += 1
+        else:
+            unique[item.ingest_key] = item
+    with connection.cursor() as cursor:
+        cursor.execute(STAGE_TABLES)
+        raw_cursor = cursor.cursor
+        with raw_cursor.copy(
+            "COPY ingest_raw_stage (device_id, logical_identifier, msg_id, ingest_key, payload, received_at, "
+            "transport, status, reason, readings) FROM STDIN"
+        ) as copy:
+            for key, item in unique.items():
+                copy.write_row(
+                    (
+                        item.device.id if item.device else None,
+                        item.message.logical_id,
+                        item.decoded.msg_id if item.decoded else None,
+                        key,
+                        item.message.payload,
+                        item.message.received_at,
+                        item.message.transport,
+                        item.status,
+                        item.reason,
+                        sum(len(values) for _, _, values in item.rows),
+                    )
+                )
+        cursor.execute(
+            """
+            INSERT INTO telemetry_raw (device_id, logical_identifier, msg_id, ingest_key, payload, received_at,
+                                       stored_at, transport, status, reason, readings)
+            SELECT device_id, logical_identifier, msg_id, ingest_key, payload, received_at,
+                   clock_timestamp(), transport, status, reason, readings
+            FROM ingest_raw_stage
+            ON CONFLICT (ingest_key) DO NOTHING
+            RETURNING id, ingest_key
+            """
+        )
+        inserted = dict((key, raw_id) for raw_id, key in cursor.fetchall())
+        result.duplicates += len(unique) - len(inserted)
+        # device id -> when we last heard from it: senders at receive time, children by reading time
+        seen: dict[int, datetime] = {}
+        staged = 0
+        with raw_cursor.copy("COPY ingest_history_stage (time, device_id, metric, value, raw_id) FROM STDIN") as copy:
+            for key, raw_id in inserted.items():
+                item = unique[key]
+                if item.status == RawStatus.ACCEPTED:
+                    result.accepted += 1
+                else:
+                    result.rejected += 1
+                if item.device is not None:
+                    heard = seen.get(item.device.id)
+                    if heard is None or heard < item.message.received_at:
+                        seen[item.device.id] = item.message.received_at
+                for device_id, time, values in item.rows:
+                    for metric, value in values.items():
+                        copy.write_row((time, device_id, metric, value, raw_id))
+                        staged += 1
+                    newest = result.latest.get(device_id)
+                    if newest is None or newest[0] <= time:
+                        merged = {**newest[1], **values} if newest else dict(values)
+                        result.latest[device_id] = (time, merged)
+        if staged:
+            # A second message with the same (device, metric, time) keeps the first value.
+            cursor.execute(
+                "INSERT INTO telemetry_history (time, device_id, metric, value, raw_id) "
+                "SELECT time, device_id, metric, value, raw_id FROM ingest_history_stage "
+                "ON CONFLICT DO NOTHING"
+            )
+            result.readings = cursor.rowcount
+            result.conflicts = staged - cursor.rowcount
+            if result.conflicts:
+                log.warning(
+                    "readings with an existing (device, metric, time) kept the first value: %d", result.conflicts
+                )
+        for device_id, (time, _) in result.latest.items():
+            if device_id not in seen or seen[device_id] < time:
+                seen[device_id] = time
+        if seen:
+            device_ids = list(seen)
+            times = [seen[d] for d in device_ids]
+            cursor.execute(
+                """
+                UPDATE devices d SET last_seen = v.t
+                FROM unnest(%s::bigint[], %s::timestamptz[]) AS v(id, t)
+                WHERE d.id = v.id AND (d.last_seen IS NULL OR d.last_seen < v.t)
+                """,
+                [device_ids, times],
+            )
+            cursor.execute(
+                """
+                UPDATE assets a SET last_telemetry_at = v.t
+                FROM (SELECT ad.asset_id, max(v.t) AS t
+                      FROM unnest(%s::bigint[], %s::timestamptz[]) AS v(id, t)
+                      JOIN asset_devices ad ON ad.device_id = v.id GROUP BY ad.asset_id) AS v
+                WHERE a.id = v.asset_id AND (a.last_telemetry_at IS NULL OR a.last_telemetry_at < v.t)
+                """,
+                [device_ids, times],
+            )
+    return result

@@ -1,0 +1,137 @@
+"""Helpers for tests that run the real pipeline: private broker and NATS, runbridge/runingest
+as subprocesses against the test database, publishers and polling."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+import paho.mqtt.client as mqtt
+from django.conf import settings
+from django.db import connection
+from paho.mqtt.enums import CallbackAPIVersion
+
+ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+def database_url() -> str:
+    """The URL of the database the tests run against (pytest-django's test database)."""
+    s = connection.settings_dict
+    auth = s["USER"] or "postgres"
+    if s["PASSWORD"]:
+        auth += f":{s['PASSWORD']}"
+    return f"postgresql://{auth}@{s['HOST'] or '127.0.0.1'}:{s['PORT'] or 5432}/{s['NAME']}"
+
+
+class ManagedProcess:
+    """A `manage.py` command run as a child process, with its output in a log file."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.args = args
+        self.env = env
+        self.log_path = log_dir / f"{name}-{uuid.uuid4().hex[:6]}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ManagedProcess:
+        self.log_path = self.log_path.with_name(f"{self.name}-{uuid.uuid4().hex[:6]}.log")
+        log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "manage.py"), *self.args], cwd=ROOT, env=self.env, stdout=log, stderr=log
+        )
+        return self
+
+    def stop(self, timeout: float = 40) -> int:
+        """SIGTERM, wait; returns the exit code."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"{self.name} did not stop on SIGTERM; log: {self.log()}") from None
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to finish anything."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:]
+
+
+def pipeline_env(*, mqtt_url: str, nats_url: str, client_id: str) -> dict[str, str]:
+    """Environment of pipeline processes pointed at the test database and private servers."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "DJANGO_SETTINGS_MODULE": "argus.settings_test",
+            "ARGUS_TESTING": "1",
+            "DATABASE_URL": database_url(),
+            "MQTT_URL": mqtt_url,
+            "NATS_URL": nats_url,
+            "ARGUS_BRIDGE_CLIENT_ID": client_id,
+            "ARGUS_BRIDGE_METRICS_PORT": "0",
+            "ARGUS_INGEST_METRICS_PORT": "0",
+            "ARGUS_MAX_PAYLOAD_BYTES": str(settings.ARGUS_MAX_PAYLOAD_BYTES),
+        }
+    )
+    return env
+
+
+def wait_for(check: Callable[[], T], *, timeout: float = 20, interval: float = 0.1, what: str = "condition") -> T:
+    """Poll until `check()` returns something truthy; fail after the timeout."""
+    deadline = time.monotonic() + timeout
+    last: T = check()
+    while not last:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+        time.sleep(interval)
+        last = check()
+    return last
+
+
+class Publisher:
+    """A device-side MQTT client (paho, QoS 1) that waits until the broker has each message."""
+
+    def __init__(self, mqtt_url: str, client_id: str | None = None) -> None:
+        host, port = mqtt_url.removeprefix("mqtt://").split(":")
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"dev-{uuid.uuid4().hex[:8]}")
+        self.client.max_inflight_messages_set(1000)
+        self.client.connect(host, int(port))
+        self.client.loop_start()
+
+    def send(self, logical_id: str, payload: Any, *, wait: bool = True) -> mqtt.MQTTMessageInfo:
+        body = payload if isinstance(payload, bytes) else orjson.dumps(payload)
+        info = self.client.publish(f"devices/{logical_id}/telemetry", body, qos=1)
+        if wait:
+            info.wait_for_publish(10)
+        return info
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@contextmanager
+def publisher(mqtt_url: str) -> Iterator[Publisher]:
+    p = Publisher(mqtt_url)
+    try:
+        yield p
+    finally:
+        p.close()
