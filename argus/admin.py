@@ -4,17 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.contrib import admin
-from django.db import connection
+from django.contrib import admin, messages
+from django.db.models import QuerySet
 from django.http import HttpRequest
 from django_tenants.utils import get_public_schema_name
+from rest_framework_api_key import admin as _api_key_admin  # noqa: F401 - registers APIKey, removed below
+from rest_framework_api_key.models import APIKey
 
-from argus.models import DeviceRegistration, Domain, Organization
+from argus.models import DeviceAPIKey, DeviceRegistration, Domain, Organization
+from argus.registry import current_schema
 
 
 def on_public_schema() -> bool:
     """Whether this request is served by the public (platform) site."""
-    return bool(connection.schema_name == get_public_schema_name())
+    return current_schema() == get_public_schema_name()
 
 
 class SchemaScopedAdmin(admin.ModelAdmin[Any]):
@@ -80,3 +83,33 @@ class DeviceRegistrationAdmin(PublicOnlyAdmin):
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+# Device keys are argus.DeviceAPIKey; the library's generic key model is unused and stays hidden.
+if admin.site.is_registered(APIKey):
+    admin.site.unregister(APIKey)
+
+
+@admin.register(DeviceAPIKey)
+class DeviceAPIKeyAdmin(PublicOnlyAdmin):
+    """Lists device keys and revokes them; keys are issued by `create_device_key`, which shows them once."""
+
+    list_display = ("prefix", "logical_identifier", "tenant", "revoked", "expiry_date", "created_at")
+    list_filter = ("revoked", "tenant")
+    search_fields = ("logical_identifier", "prefix")
+    list_select_related = ("tenant",)
+    fields = ("prefix", "logical_identifier", "tenant", "name", "revoked", "expiry_date", "created_at")
+    readonly_fields = fields
+    actions = ["revoke_keys"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # Revoke instead: the row records that the key existed and who held it.
+        return False
+
+    @admin.action(description="Revoke selected keys (cannot be undone)", permissions=["change"])
+    def revoke_keys(self, request: HttpRequest, queryset: QuerySet[DeviceAPIKey]) -> None:
+        count = queryset.filter(revoked=False).update(revoked=True)
+        self.message_user(request, f"Revoked {count} key(s).", messages.SUCCESS)

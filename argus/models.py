@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from django.db import models
 from django_tenants.models import DomainMixin, TenantMixin
+from rest_framework_api_key.models import AbstractAPIKey
 
 
 class Organization(TenantMixin):
     """A tenant: one PostgreSQL schema holding its types, devices, assets and telemetry."""
 
-    name = models.CharField(max_length=200)
-    created_at = models.DateTimeField(auto_now_add=True)
+    name: models.CharField[str, str] = models.CharField(max_length=200)
+    created_at: models.DateTimeField[datetime, datetime] = models.DateTimeField(auto_now_add=True)
 
     auto_create_schema = True
 
@@ -48,3 +51,26 @@ class DeviceRegistration(models.Model):
 
     def __str__(self) -> str:
         return f"{self.logical_identifier} -> {self.tenant.schema_name}"
+
+
+class DeviceAPIKey(AbstractAPIKey):
+    """An HTTP ingestion credential of one device; only a hash of the secret part is stored.
+
+    It lives in the public schema because a request must be routed to its tenant before the
+    tenant is known. The key names its device: the device written is always this one.
+    """
+
+    # The base's `created` is replaced by `created_at`, the name every other table uses.
+    created = None  # type: ignore[assignment]
+    tenant = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="device_api_keys")
+    logical_identifier = models.CharField(max_length=128, db_index=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta(AbstractAPIKey.Meta):
+        db_table = "device_api_keys"
+        ordering = ("-created_at",)
+        verbose_name = "device API key"
+        verbose_name_plural = "device API keys"
+
+    def __str__(self) -> str:
+        return f"{self.prefix}… ({self.logical_identifier})"

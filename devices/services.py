@@ -10,7 +10,8 @@ from django.db import transaction
 from django.utils import timezone
 from django_tenants.utils import schema_context
 
-from argus.models import Organization
+from argus.models import DeviceAPIKey, Organization
+from argus.registry import registry_lookup
 from devices import pki
 from devices.models import Device, DeviceCertificate
 
@@ -79,3 +80,47 @@ def certificate_crl_publish(*, out_dir: Path, days: int = 7, passphrase: bytes |
     """Rebuild the CRL file from the database; return its path and how many serials it lists."""
     revoked = certificate_revocations()
     return pki.build_crl(out_dir, revoked, days=days, passphrase=passphrase), len(revoked)
+
+
+# --------------------------------------------------------------------------- HTTP API keys
+
+
+def _registered_schema(logical_id: str, tenant_schema: str | None) -> str:
+    """The schema owning a device, from the public registry; refuses a device it does not hold."""
+    owner = registry_lookup(logical_id)
+    if owner is None:
+        raise Device.DoesNotExist(f"device {logical_id!r} is not registered in any tenant")
+    if tenant_schema is not None and owner != tenant_schema:
+        raise Device.DoesNotExist(f"device {logical_id!r} does not belong to tenant {tenant_schema!r}")
+    with schema_context(owner):
+        if not Device.objects.filter(logical_identifier=logical_id).exists():
+            raise Device.DoesNotExist(f"device {logical_id!r} is registered to {owner!r} but not found there")
+    return owner
+
+
+def api_key_create(
+    *, logical_id: str, tenant_schema: str | None = None, expiry_date: datetime | None = None
+) -> tuple[DeviceAPIKey, str]:
+    """Issue an HTTP API key for a device; returns the record and the key, which is never stored."""
+    schema = _registered_schema(logical_id, tenant_schema)
+    tenant = Organization.objects.get(schema_name=schema)
+    api_key, key = DeviceAPIKey.objects.create_key(
+        name=logical_id[:50], tenant=tenant, logical_identifier=logical_id, expiry_date=expiry_date
+    )
+    assert isinstance(api_key, DeviceAPIKey)  # the library's manager is typed for its base class
+    logger.info("issued API key %s for %s in %s", api_key.prefix, logical_id, schema)
+    return api_key, key
+
+
+def api_key_revoke(*, logical_id: str | None = None, prefix: str | None = None) -> int:
+    """Revoke the key with this prefix, or every unrevoked key of a device; returns how many."""
+    if logical_id is None and prefix is None:
+        raise ValueError("name a device or a key prefix")
+    keys = DeviceAPIKey.objects.filter(revoked=False)
+    if logical_id is not None:
+        keys = keys.filter(logical_identifier=logical_id)
+    if prefix is not None:
+        keys = keys.filter(prefix=prefix)
+    count = keys.update(revoked=True)
+    logger.info("revoked %d API key(s) device=%s prefix=%s", count, logical_id, prefix)
+    return count
