@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from celery.signals import worker_process_init
 from tenant_schemas_celery.app import CeleryApp
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "argus.settings")
@@ -11,3 +12,10 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "argus.settings")
 app = CeleryApp("argus")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+
+
+@worker_process_init.connect
+def _start_profile_invalidation(**kwargs: object) -> None:
+    from telemetry.tasks import start_profile_invalidation
+
+    start_profile_invalidation()

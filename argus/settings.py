@@ -238,3 +238,35 @@ CELERY_BEAT_SCHEDULE = {
     "partitions-ensure": {"task": "telemetry.tasks.partitions_ensure_all", "schedule": 3600.0},
     "health-recompute": {"task": "assets.tasks.health_recompute_all", "schedule": 300.0},
 }
+
+# --- HTTP ingestion API (devices/authentication.py, telemetry/api/) ------------------------
+# djangorestframework-api-key supplies the hashed-key base of argus.DeviceAPIKey (public schema).
+SHARED_APPS = [*SHARED_APPS, "rest_framework_api_key"]
+INSTALLED_APPS = SHARED_APPS + [app for app in TENANT_APPS if app not in SHARED_APPS]
+# Every API error is application/problem+json (RFC 9457).
+REST_FRAMEWORK["EXCEPTION_HANDLER"] = "argus.problems.problem_exception_handler"
+# Requests per device and period (DRF rate syntax: N/s, N/min, N/hour, N/day), counted in Redis.
+ARGUS_HTTP_RATE_LIMIT = env("ARGUS_HTTP_RATE_LIMIT", "600/min")
+# How long POST /api/v1/telemetry waits for JetStream's PubAck before answering 503.
+ARGUS_HTTP_PUBLISH_TIMEOUT_SECONDS = env_float("ARGUS_HTTP_PUBLISH_TIMEOUT_SECONDS", 5.0)
+# Retry-After (seconds) sent with 503 when the pipeline is unavailable.
+ARGUS_HTTP_RETRY_AFTER_SECONDS = env_int("ARGUS_HTTP_RETRY_AFTER_SECONDS", 5)
+# Device JWTs: audience, longest exp - iat, and clock skew tolerated.
+ARGUS_JWT_AUDIENCE = env("ARGUS_JWT_AUDIENCE", "argus")
+ARGUS_JWT_MAX_LIFETIME_SECONDS = env_int("ARGUS_JWT_MAX_LIFETIME_SECONDS", 3600)
+ARGUS_JWT_LEEWAY_SECONDS = env_int("ARGUS_JWT_LEEWAY_SECONDS", 30)
+# Django must let a body of the largest accepted payload through, so the view can answer 413
+# itself (with problem+json) for anything larger; admin forms keep Django's default headroom.
+DATA_UPLOAD_MAX_MEMORY_SIZE = max(ARGUS_MAX_PAYLOAD_BYTES + 64 * 1024, 2_621_440)
+# --- end HTTP ingestion API ------------------------------------------------------------------
+
+# Chunked transactions: the sweeper expires a transaction this long after its TTL (so chunks
+# received in time but still in the pipeline land first), and enqueues reassembly again for
+# complete transactions still pending after this many seconds (a lost Celery message).
+ARGUS_CHUNK_EXPIRY_GRACE_SECONDS = env_float("ARGUS_CHUNK_EXPIRY_GRACE_SECONDS", 5.0)
+ARGUS_CHUNK_REENQUEUE_SECONDS = env_float("ARGUS_CHUNK_REENQUEUE_SECONDS", 30.0)
+ARGUS_CHUNK_SWEEP_SECONDS = env_float("ARGUS_CHUNK_SWEEP_SECONDS", 5.0)
+CELERY_BEAT_SCHEDULE["chunks-sweep"] = {
+    "task": "telemetry.tasks.chunks_sweep_all",
+    "schedule": ARGUS_CHUNK_SWEEP_SECONDS,
+}

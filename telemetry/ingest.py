@@ -19,6 +19,7 @@ from django.utils import timezone
 from argus.registry import current_schema, current_tenant
 from devices.models import DeviceRole, DeviceStatus, ProcessingMode
 from telemetry.adapters import ADAPTERS, Decoded, Rejected
+from telemetry.chunks import chunks_admit, chunks_store
 from telemetry.models import RawStatus
 from telemetry.profiles import DeviceProfile, ProfileCache, TypeProfile
 
@@ -37,7 +38,9 @@ class IncomingMessage:
 
 
 @dataclass(slots=True)
-class _Prepared:
+class Prepared:
+    """A message on its way to storage: its device, decoded content and outcome."""
+
     message: IncomingMessage
     device: DeviceProfile | None
     device_type: TypeProfile | None
@@ -48,7 +51,10 @@ class _Prepared:
     rows: list[tuple[int, datetime, dict[str, float]]] = field(default_factory=list)
 
     def reject(self, reason: str) -> None:
-        self.status = RawStatus.REJECTED
+        self.set_outcome(RawStatus.REJECTED, reason)
+
+    def set_outcome(self, status: str, reason: str) -> None:
+        self.status = status
         self.reason = reason[:1000]
         self.rows = []
 
@@ -92,19 +98,21 @@ def ingest_batch(*, messages: Sequence[IncomingMessage], profiles: ProfileCache)
     now = timezone.now()
     prepared = [_prepare(m, schema, profiles, now) for m in messages]
     with transaction.atomic():
-        registered = _resolve_children(prepared, schema, profiles)
-        result = _write(prepared)
+        registered = resolve_children(prepared, schema, profiles)
+        admissions = chunks_admit([p for p in prepared if p.status == RawStatus.CHUNK])
+        result, inserted = _write(prepared)
         result.children_registered = len(registered)
+        result.completed_transactions = chunks_store(admissions, inserted)
     # Only now are the new children real for other transactions too.
     for profile in registered:
         profiles.remember_device(schema, profile)
     return result
 
 
-def _prepare(message: IncomingMessage, schema: str, profiles: ProfileCache, now: datetime) -> _Prepared:
+def _prepare(message: IncomingMessage, schema: str, profiles: ProfileCache, now: datetime) -> Prepared:
     device = profiles.device(schema, message.logical_id)
     device_type = profiles.device_type(schema, device.device_type_id) if device else None
-    item = _Prepared(message=message, device=device, device_type=device_type)
+    item = Prepared(message=message, device=device, device_type=device_type)
     if device is None or device_type is None:
         item.reject("unknown device")
         return item
@@ -127,8 +135,11 @@ def _prepare(message: IncomingMessage, schema: str, profiles: ProfileCache, now:
         item.reject(exc.reason)
         return item
     if decoded.chunk is not None:
-        # Chunked gateways are reassembled in telemetry.chunks (not part of this path yet).
-        item.reject("chunked gateway messages are not supported by this ingest version")
+        if decoded.chunk.total > device_type.max_chunks:
+            item.reject(f"total {decoded.chunk.total} exceeds the type's limit of {device_type.max_chunks} chunks")
+        else:
+            # Stored for reassembly (telemetry.chunks); readings only once every chunk is in.
+            item.status = RawStatus.CHUNK
         return item
     if device_type.processing_mode == ProcessingMode.ENDPOINT:
         item.rows = [(device.id, r.time, r.values) for r in decoded.readings]
@@ -143,7 +154,7 @@ def _check_times(decoded: Decoded, received_at: datetime) -> None:
             raise Rejected(f"timestamp {reading.time.isoformat()} is too far from the receive time")
 
 
-def _resolve_children(prepared: list[_Prepared], schema: str, profiles: ProfileCache) -> list[DeviceProfile]:
+def resolve_children(prepared: list[Prepared], schema: str, profiles: ProfileCache) -> list[DeviceProfile]:
     """Map gateway children to device ids, registering unknown ones where the type allows."""
     gateway_items = [p for p in prepared if p.status == RawStatus.ACCEPTED and p.decoded and not p.rows]
     gateway_items = [
@@ -153,7 +164,7 @@ def _resolve_children(prepared: list[_Prepared], schema: str, profiles: ProfileC
         return []
     wanted = sorted({r.child_id for p in gateway_items for r in p.decoded.readings if r.child_id})  # type: ignore[union-attr]
     known = profiles.devices(schema, wanted)
-    to_register: dict[str, _Prepared] = {}
+    to_register: dict[str, Prepared] = {}
     for item in gateway_items:
         assert item.decoded is not None and item.device is not None and item.device_type is not None
         unknown = [r.child_id for r in item.decoded.readings if r.child_id not in known]
@@ -183,7 +194,7 @@ def _resolve_children(prepared: list[_Prepared], schema: str, profiles: ProfileC
     return registered
 
 
-def _register_children(schema: str, to_register: dict[str, _Prepared]) -> list[DeviceProfile]:
+def _register_children(schema: str, to_register: dict[str, Prepared]) -> list[DeviceProfile]:
     """Insert unknown children (and their registry rows) in the current transaction."""
     if not to_register:
         return []
@@ -238,19 +249,45 @@ def _register_children(schema: str, to_register: dict[str, _Prepared]) -> list[D
     return profiles
 
 
-def _write(prepared: list[_Prepared]) -> BatchResult:
-    """COPY the batch into staging, insert what is new, then its readings; one transaction."""
+def _write(prepared: list[Prepared]) -> tuple[BatchResult, dict[str, int]]:
+    """Insert the batch's new raw rows, then the readings of the accepted ones; one transaction.
+
+    Returns the outcome and the ids of the raw rows inserted (by ingest key).
+    """
     result = BatchResult()
-    unique: dict[str, _Prepared] = {}
+    unique: dict[str, Prepared] = {}
     for item in prepared:
         if item.ingest_key in unique:
             result.duplicates += 1
         else:
             unique[item.ingest_key] = item
+    inserted = _insert_raw(unique)
+    result.duplicates += len(unique) - len(inserted)
+    # device id -> when we last heard from it: senders at receive time, children by reading time
+    seen: dict[int, datetime] = {}
+    readings: list[tuple[int, datetime, dict[str, float], int]] = []
+    for key, raw_id in inserted.items():
+        item = unique[key]
+        if item.status == RawStatus.ACCEPTED:
+            result.accepted += 1
+        elif item.status == RawStatus.REJECTED:
+            result.rejected += 1
+        else:
+            result.chunks += 1
+        if item.device is not None:
+            heard = seen.get(item.device.id)
+            if heard is None or heard < item.message.received_at:
+                seen[item.device.id] = item.message.received_at
+        readings.extend((device_id, time, values, raw_id) for device_id, time, values in item.rows)
+    write_readings(readings, result, seen)
+    return result, inserted
+
+
+def _insert_raw(unique: dict[str, Prepared]) -> dict[str, int]:
+    """COPY raw rows into staging and insert those not stored before; ingest key -> raw id."""
     with connection.cursor() as cursor:
         cursor.execute(STAGE_TABLES)
-        raw_cursor = cursor.cursor
-        with raw_cursor.copy(
+        with cursor.cursor.copy(
             "COPY ingest_raw_stage (device_id, logical_identifier, msg_id, ingest_key, payload, received_at, "
             "transport, status, reason, readings) FROM STDIN"
         ) as copy:
@@ -280,23 +317,27 @@ def _write(prepared: list[_Prepared]) -> BatchResult:
             RETURNING id, ingest_key
             """
         )
-        inserted = dict((key, raw_id) for raw_id, key in cursor.fetchall())
-        result.duplicates += len(unique) - len(inserted)
-        # device id -> when we last heard from it: senders at receive time, children by reading time
-        seen: dict[int, datetime] = {}
-        staged = 0
-        with raw_cursor.copy("COPY ingest_history_stage (time, device_id, metric, value, raw_id) FROM STDIN") as copy:
-            for key, raw_id in inserted.items():
-                item = unique[key]
-                if item.status == RawStatus.ACCEPTED:
-                    result.accepted += 1
-                else:
-                    result.rejected += 1
-                if item.device is not None:
-                    heard = seen.get(item.device.id)
-                    if heard is None or heard < item.message.received_at:
-                        seen[item.device.id] = item.message.received_at
-                for device_id, time, values in item.rows:
+        return {key: raw_id for raw_id, key in cursor.fetchall()}
+
+
+def write_readings(
+    readings: Sequence[tuple[int, datetime, dict[str, float], int]],
+    result: BatchResult,
+    seen: dict[int, datetime],
+) -> None:
+    """Insert (device, time, values, raw id) readings and mark devices and assets as heard from.
+
+    Fills `result.readings`, `result.conflicts` and `result.latest`; `seen` maps device id to the
+    time we last heard from it (updated with the readings' own times).
+    """
+    staged = 0
+    with connection.cursor() as cursor:
+        cursor.execute(STAGE_TABLES)
+        if readings:
+            with cursor.cursor.copy(
+                "COPY ingest_history_stage (time, device_id, metric, value, raw_id) FROM STDIN"
+            ) as copy:
+                for device_id, time, values, raw_id in readings:
                     for metric, value in values.items():
                         copy.write_row((time, device_id, metric, value, raw_id))
                         staged += 1
@@ -304,41 +345,39 @@ def _write(prepared: list[_Prepared]) -> BatchResult:
                     if newest is None or newest[0] <= time:
                         merged = {**newest[1], **values} if newest else dict(values)
                         result.latest[device_id] = (time, merged)
-        if staged:
             # A second message with the same (device, metric, time) keeps the first value.
             cursor.execute(
                 "INSERT INTO telemetry_history (time, device_id, metric, value, raw_id) "
                 "SELECT time, device_id, metric, value, raw_id FROM ingest_history_stage "
                 "ON CONFLICT DO NOTHING"
             )
-            result.readings = cursor.rowcount
-            result.conflicts = staged - cursor.rowcount
-            if result.conflicts:
-                log.warning(
-                    "readings with an existing (device, metric, time) kept the first value: %d", result.conflicts
-                )
+            result.readings += cursor.rowcount
+            conflicts = staged - cursor.rowcount
+            result.conflicts += conflicts
+            if conflicts:
+                log.warning("readings with an existing (device, metric, time) kept the first value: %d", conflicts)
         for device_id, (time, _) in result.latest.items():
             if device_id not in seen or seen[device_id] < time:
                 seen[device_id] = time
-        if seen:
-            device_ids = list(seen)
-            times = [seen[d] for d in device_ids]
-            cursor.execute(
-                """
-                UPDATE devices d SET last_seen = v.t
-                FROM unnest(%s::bigint[], %s::timestamptz[]) AS v(id, t)
-                WHERE d.id = v.id AND (d.last_seen IS NULL OR d.last_seen < v.t)
-                """,
-                [device_ids, times],
-            )
-            cursor.execute(
-                """
-                UPDATE assets a SET last_telemetry_at = v.t
-                FROM (SELECT ad.asset_id, max(v.t) AS t
-                      FROM unnest(%s::bigint[], %s::timestamptz[]) AS v(id, t)
-                      JOIN asset_devices ad ON ad.device_id = v.id GROUP BY ad.asset_id) AS v
-                WHERE a.id = v.asset_id AND (a.last_telemetry_at IS NULL OR a.last_telemetry_at < v.t)
-                """,
-                [device_ids, times],
-            )
-    return result
+        if not seen:
+            return
+        device_ids = list(seen)
+        times = [seen[d] for d in device_ids]
+        cursor.execute(
+            """
+            UPDATE devices d SET last_seen = v.t
+            FROM unnest(%s::bigint[], %s::timestamptz[]) AS v(id, t)
+            WHERE d.id = v.id AND (d.last_seen IS NULL OR d.last_seen < v.t)
+            """,
+            [device_ids, times],
+        )
+        cursor.execute(
+            """
+            UPDATE assets a SET last_telemetry_at = v.t
+            FROM (SELECT ad.asset_id, max(v.t) AS t
+                  FROM unnest(%s::bigint[], %s::timestamptz[]) AS v(id, t)
+                  JOIN asset_devices ad ON ad.device_id = v.id GROUP BY ad.asset_id) AS v
+            WHERE a.id = v.asset_id AND (a.last_telemetry_at IS NULL OR a.last_telemetry_at < v.t)
+            """,
+            [device_ids, times],
+        )

@@ -1,11 +1,65 @@
-"""Maintenance tasks of the telemetry tables."""
+"""Celery tasks of the telemetry pipeline (thin: they call services in telemetry.chunks)."""
 
 from __future__ import annotations
+
+import logging
 
 from celery import shared_task
 from django.conf import settings
 from django.db import connection
 from django_tenants.utils import get_tenant_model, schema_context
+
+from argus.registry import current_schema
+from telemetry.chunks import transaction_reassemble, transactions_expire, transactions_unassembled
+from telemetry.profiles import InvalidationListener, ProfileCache
+
+log = logging.getLogger(__name__)
+
+# One profile cache per worker process, kept fresh by Redis invalidations.
+profiles = ProfileCache()
+_listener: InvalidationListener | None = None
+
+
+def start_profile_invalidation() -> None:
+    """Listen for profile changes (called once in each worker process)."""
+    global _listener
+    if _listener is None:
+        _listener = InvalidationListener(profiles)
+        _listener.start()
+
+
+@shared_task(acks_late=True, reject_on_worker_lost=True, max_retries=None)
+def reassemble_transaction(transaction_pk: int) -> str:
+    """Reassemble one complete chunked transaction (in its tenant); safe to run twice."""
+    from telemetry.followup import enqueue_evaluation
+
+    outcome = transaction_reassemble(transaction_pk=transaction_pk, profiles=profiles)
+    if outcome.latest:
+        enqueue_evaluation(current_schema(), outcome.latest)
+    return outcome.status
+
+
+@shared_task
+def chunks_sweep_tenant(grace_seconds: float, unassembled_after_seconds: float) -> dict[str, int]:
+    """Expire transactions past their TTL; enqueue again complete ones whose task was lost."""
+    expired = transactions_expire(grace_seconds=grace_seconds)
+    stale = transactions_unassembled(older_than_seconds=unassembled_after_seconds)
+    for transaction_pk in stale:
+        reassemble_transaction.delay(transaction_pk)
+    if stale:
+        log.warning("re-enqueued %d complete transactions awaiting reassembly", len(stale))
+    return {"expired": len(expired), "reenqueued": len(stale)}
+
+
+@shared_task
+def chunks_sweep_all() -> int:
+    """Run the chunk sweep in every tenant (from beat, which runs in the public schema)."""
+    count = 0
+    for tenant in get_tenant_model().objects.exclude(schema_name="public"):
+        with schema_context(tenant.schema_name):
+            chunks_sweep_tenant.delay(settings.ARGUS_CHUNK_EXPIRY_GRACE_SECONDS, settings.ARGUS_CHUNK_REENQUEUE_SECONDS)
+        count += 1
+    return count
 
 
 def partitions_ensure(days_ahead: int) -> int:
