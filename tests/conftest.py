@@ -10,6 +10,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,8 +19,10 @@ from django.db import connection
 from django.test import Client
 from django_tenants.utils import schema_context
 
+from argus.devservices import ServerHandle, start_mosquitto, start_nats
 from argus.models import Domain, Organization
 from devices.models import Device, DeviceType, ProcessingMode
+from tests.pipeline import Pipeline
 
 
 @dataclass
@@ -133,3 +136,27 @@ def tenant_admin_client(persona: TenantPersona) -> Client:
         client = Client(HTTP_HOST=persona.host)
         assert client.login(username=username, password="pw-for-tests")
     return client
+
+
+# --- Real pipeline processes (see tests/pipeline.py) ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[ServerHandle]:
+    with start_mosquitto() as handle:
+        yield handle
+
+
+@pytest.fixture(scope="module")
+def nats_server() -> Iterator[ServerHandle]:
+    with start_nats() as handle:
+        yield handle
+
+
+@pytest.fixture
+def pipeline(broker: ServerHandle, nats_server: ServerHandle, live_db: None, tmp_path: Path) -> Iterator[Pipeline]:
+    running = Pipeline(broker, nats_server, tmp_path).start()
+    try:
+        yield running
+    finally:
+        running.stop()

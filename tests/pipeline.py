@@ -20,6 +20,8 @@ from django.conf import settings
 from django.db import connection
 from paho.mqtt.enums import CallbackAPIVersion
 
+from argus.devservices import ServerHandle
+
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 
@@ -135,3 +137,35 @@ def publisher(mqtt_url: str) -> Iterator[Publisher]:
         yield p
     finally:
         p.close()
+
+
+class Pipeline:
+    """runbridge + runingest against the private servers."""
+
+    def __init__(
+        self, broker: ServerHandle, nats_server: ServerHandle, log_dir: Path, extra_env: dict[str, str] | None = None
+    ) -> None:
+        self.mqtt_url = f"mqtt://127.0.0.1:{broker.port}"
+        self.nats_url = nats_server.url
+        env = pipeline_env(mqtt_url=self.mqtt_url, nats_url=self.nats_url, client_id=f"bridge-{uuid.uuid4().hex[:8]}")
+        env.update(extra_env or {})
+        self.env = env
+        self.bridge = ManagedProcess("runbridge", ["runbridge"], env, log_dir)
+        self.ingest = ManagedProcess("runingest", ["runingest"], env, log_dir)
+
+    def start(self) -> Pipeline:
+        self.ingest.start()
+        self.start_bridge()
+        wait_for(lambda: "runingest started" in self.ingest.log(), what="runingest to start")
+        return self
+
+    def start_bridge(self) -> None:
+        self.bridge.start()
+        wait_for(lambda: "mqtt subscribed" in self.bridge.log(), what=f"runbridge to subscribe: {self.bridge.log()}")
+
+    def stop(self) -> None:
+        codes = {}
+        for process in (self.bridge, self.ingest):
+            if process.running():
+                codes[process.name] = process.stop()
+        assert all(code == 0 for code in codes.values()), (codes, self.bridge.log(), self.ingest.log())

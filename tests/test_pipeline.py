@@ -11,7 +11,6 @@ import json
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import nats
@@ -19,65 +18,16 @@ import pytest
 from django.db import connection
 from django_tenants.utils import schema_context
 
-from argus.devservices import ServerHandle, start_mosquitto, start_nats
+from argus.devservices import ServerHandle
 from devices.models import Device, DeviceType, ProcessingMode
 from telemetry.jetstream import DEADLETTER_STREAM, H_REASON
 from telemetry.models import RawStatus, TelemetryHistory, TelemetryRaw
 from tests.conftest import TenantPersona, make_device, make_device_type, tenant_admin_client, unique_id
-from tests.pipeline import ManagedProcess, Publisher, pipeline_env, publisher, wait_for
+from tests.pipeline import Pipeline, Publisher, publisher, wait_for
 
 pytestmark = pytest.mark.integration
 
 NOW_MS = lambda: int(time.time() * 1000)  # noqa: E731
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[ServerHandle]:
-    with start_mosquitto() as handle:
-        yield handle
-
-
-@pytest.fixture(scope="module")
-def nats_server() -> Iterator[ServerHandle]:
-    with start_nats() as handle:
-        yield handle
-
-
-class Pipeline:
-    """runbridge + runingest against the private servers."""
-
-    def __init__(self, broker: ServerHandle, nats_server: ServerHandle, log_dir: Path) -> None:
-        self.mqtt_url = f"mqtt://127.0.0.1:{broker.port}"
-        self.nats_url = nats_server.url
-        env = pipeline_env(mqtt_url=self.mqtt_url, nats_url=self.nats_url, client_id=unique_id("bridge"))
-        self.bridge = ManagedProcess("runbridge", ["runbridge"], env, log_dir)
-        self.ingest = ManagedProcess("runingest", ["runingest"], env, log_dir)
-
-    def start(self) -> Pipeline:
-        self.ingest.start()
-        self.start_bridge()
-        wait_for(lambda: "runingest started" in self.ingest.log(), what="runingest to start")
-        return self
-
-    def start_bridge(self) -> None:
-        self.bridge.start()
-        wait_for(lambda: "mqtt subscribed" in self.bridge.log(), what=f"runbridge to subscribe: {self.bridge.log()}")
-
-    def stop(self) -> None:
-        codes = {}
-        for process in (self.bridge, self.ingest):
-            if process.running():
-                codes[process.name] = process.stop()
-        assert all(code == 0 for code in codes.values()), (codes, self.bridge.log(), self.ingest.log())
-
-
-@pytest.fixture
-def pipeline(broker: ServerHandle, nats_server: ServerHandle, live_db: None, tmp_path: Path) -> Iterator[Pipeline]:
-    running = Pipeline(broker, nats_server, tmp_path).start()
-    try:
-        yield running
-    finally:
-        running.stop()
 
 
 def endpoint_type() -> DeviceType:

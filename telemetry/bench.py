@@ -1,0 +1,706 @@
+"""End-to-end benchmark: simulator -> private Mosquitto -> runbridge -> JetStream -> runingest -> PostgreSQL.
+
+`manage.py bench` (and `make bench`) runs it. Everything is measured on this run's own
+messages only: their msg_ids start with a run id, and the database is asked about rows newer
+than the highest telemetry_raw id seen before the run.
+
+Environment: BENCH_RATE (msgs/s, 0 = flat out; 5000), BENCH_SECONDS (30), BENCH_MODE
+(endpoint | gateway; gateway messages carry 50 children), BENCH_DEVICES (1000 endpoint devices or
+20 gateways), BENCH_INGESTERS (runingest copies; 1), BENCH_SIM_PROCESSES (simulator processes;
+1 up to 10000 msgs/s, else 2), BENCH_PRIVATE_NATS (1: run against a private nats-server instead
+of NATS_URL, so no other consumer of the shared `ingest` durable can take this run's messages).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from django.conf import settings
+from django.db import connection, transaction
+from django_tenants.utils import schema_context
+
+from argus.devservices import ServerHandle, start_mosquitto, start_nats
+from argus.models import Domain, Organization
+from argus.registry import registry_sync
+from devices.models import Device, DeviceRole, DeviceType, ProcessingMode
+from telemetry.simulator import CHILD_METRICS, ENDPOINT_METRICS, SimulatorConfig, SimulatorResult, run_simulation
+
+SCHEMA = "bench"
+ENDPOINT_TYPE = "Bench Endpoint"
+GATEWAY_TYPE = "Bench Gateway"
+GATEWAY_CHILDREN = 50
+READY_TIMEOUT = 90.0  # Django start-up of two processes on a busy 2-core machine
+DRAIN_IDLE_SECONDS = 15.0
+STOP_TIMEOUT = 60.0
+SAMPLE_INTERVAL = 0.5
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class Writer(Protocol):
+    """Where progress goes (a text stream or a management command's stdout)."""
+
+    def write(self, msg: str) -> Any: ...
+
+    def flush(self) -> None: ...
+
+
+class BenchError(RuntimeError):
+    """The benchmark could not set up, start or observe the pipeline."""
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """The load to offer, from BENCH_* environment variables."""
+
+    rate: float
+    seconds: float
+    mode: str
+    devices: int
+    ingesters: int
+    sim_processes: int
+    private_nats: bool
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> BenchSettings:
+        env = dict(os.environ if environ is None else environ)
+        mode = env.get("BENCH_MODE", "endpoint") or "endpoint"
+        if mode not in ("endpoint", "gateway"):
+            raise BenchError("BENCH_MODE must be endpoint or gateway")
+        rate = float(env.get("BENCH_RATE", "5000") or 5000)
+        devices = int(env.get("BENCH_DEVICES", "") or (1000 if mode == "endpoint" else 20))
+        default_procs = 1 if 0 < rate <= 10000 else 2
+        return cls(
+            rate=rate,
+            seconds=float(env.get("BENCH_SECONDS", "30") or 30),
+            mode=mode,
+            devices=devices,
+            ingesters=int(env.get("BENCH_INGESTERS", "1") or 1),
+            sim_processes=int(env.get("BENCH_SIM_PROCESSES", "") or default_procs),
+            private_nats=env.get("BENCH_PRIVATE_NATS", "0").lower() in ("1", "true", "yes", "on"),
+        )
+
+    @property
+    def readings_per_message(self) -> int:
+        return len(ENDPOINT_METRICS) if self.mode == "endpoint" else GATEWAY_CHILDREN * len(CHILD_METRICS)
+
+
+# --------------------------------------------------------------------------- tenant and devices
+
+
+def ensure_bench_devices(bench: BenchSettings, log: Callable[[str], None]) -> list[str]:
+    """Create (idempotently) tenant `bench`, its device types and devices; return their logical ids."""
+    tenant = Organization.objects.filter(schema_name=SCHEMA).first()
+    if tenant is None:
+        log("creating tenant 'bench' (migrates its schema, takes a while once)")
+        tenant = Organization.objects.create(schema_name=SCHEMA, name="Benchmark")
+    Domain.objects.get_or_create(domain="bench.localhost", defaults={"tenant": tenant, "is_primary": True})
+    prefix = "BENCH-E-" if bench.mode == "endpoint" else "BENCH-G-"
+    ids = [f"{prefix}{i:05d}" for i in range(bench.devices)]
+    with schema_context(SCHEMA), transaction.atomic():
+        device_type = _device_type(bench.mode)
+        existing = set(Device.objects.filter(logical_identifier__in=ids).values_list("logical_identifier", flat=True))
+        missing = [i for i in ids if i not in existing]
+        if missing:
+            role = DeviceRole.STANDALONE if bench.mode == "endpoint" else DeviceRole.GATEWAY
+            created = Device.objects.bulk_create(
+                [
+                    Device(device_type=device_type, name=f"bench {i}", logical_identifier=i, device_role=role)
+                    for i in missing
+                ]
+            )
+            # bulk_create skips Device.save(): register the ids platform-wide in one statement.
+            registry_sync(devices=created)
+            log(f"created {len(created)} {bench.mode} devices in tenant 'bench'")
+    return ids
+
+
+def _device_type(mode: str) -> DeviceType:
+    if mode == "endpoint":
+        values: dict[str, Any] = {
+            "processing_mode": ProcessingMode.ENDPOINT,
+            "metrics": list(ENDPOINT_METRICS),
+            "message_schema": {
+                "type": "object",
+                "required": ["values"],
+                "properties": {
+                    "values": {
+                        "type": "object",
+                        "properties": {
+                            "temperature": {"type": "number", "minimum": -60, "maximum": 120},
+                            "humidity": {"type": "number", "minimum": 0, "maximum": 100},
+                        },
+                        "additionalProperties": {"type": "number"},
+                    }
+                },
+            },
+        }
+        name = ENDPOINT_TYPE
+    else:
+        values = {
+            "processing_mode": ProcessingMode.GATEWAY,
+            "metrics": list(CHILD_METRICS),
+            "auto_register_children": True,
+            "max_children": 100,
+            "message_schema": {
+                "type": "object",
+                "required": ["children"],
+                "properties": {"children": {"type": "array", "maxItems": 100}},
+            },
+        }
+        name = GATEWAY_TYPE
+    device_type = DeviceType.objects.filter(name=name).first()
+    if device_type is None:
+        device_type = DeviceType(name=name, description="Created by manage.py bench", **values)
+        device_type.full_clean()
+        device_type.save()
+    return device_type
+
+
+# --------------------------------------------------------------------------- process sampling
+
+
+@dataclass
+class ProcSample:
+    cpu_seconds: float
+    rss_bytes: int
+
+
+def read_proc(pid: int) -> ProcSample | None:
+    """CPU seconds (user + system) and resident memory of a live process, from /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    # Fields after the ")" closing the command name: utime and stime are fields 14 and 15.
+    fields = stat.rpartition(")")[2].split()
+    cpu = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    rss_kb = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+    return ProcSample(cpu_seconds=cpu, rss_bytes=rss_kb * 1024)
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has spent not idle (all cores), from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    return (sum(values[:8]) - idle) / CLOCK_TICKS
+
+
+@dataclass
+class _Series:
+    start: ProcSample | None = None
+    end: ProcSample | None = None
+    peak_rss: int = 0
+
+
+class ProcSampler:
+    """Samples CPU and RSS of named process groups every SAMPLE_INTERVAL between mark_start and mark_end."""
+
+    def __init__(self, groups: dict[str, Sequence[int]]) -> None:
+        self.groups = groups
+        self.series = {name: _Series() for name in groups}
+        self.started_at = self.ended_at = 0.0
+        self.busy_start = self.busy_end = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-sampler", daemon=True)
+
+    def _sample(self, name: str) -> ProcSample | None:
+        samples = [s for s in (read_proc(pid) for pid in self.groups[name]) if s is not None]
+        if not samples:
+            return None
+        return ProcSample(sum(s.cpu_seconds for s in samples), sum(s.rss_bytes for s in samples))
+
+    def _record(self) -> None:
+        for name, series in self.series.items():
+            sample = self._sample(name)
+            if sample is not None:
+                series.peak_rss = max(series.peak_rss, sample.rss_bytes)
+                series.end = sample
+
+    def _run(self) -> None:
+        while not self._stop.wait(SAMPLE_INTERVAL):
+            self._record()
+
+    def mark_start(self) -> None:
+        self.started_at = time.monotonic()
+        self.busy_start = machine_busy_seconds()
+        for name, series in self.series.items():
+            series.start = series.end = self._sample(name)
+            series.peak_rss = series.start.rss_bytes if series.start else 0
+        self._thread.start()
+
+    def mark_end(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._record()
+        self.ended_at = time.monotonic()
+        self.busy_end = machine_busy_seconds()
+
+    def cores(self, name: str) -> float:
+        series = self.series[name]
+        wall = self.ended_at - self.started_at
+        if not (series.start and series.end and wall > 0):
+            return 0.0
+        return (series.end.cpu_seconds - series.start.cpu_seconds) / wall
+
+    def machine_cores(self) -> float:
+        wall = self.ended_at - self.started_at
+        return (self.busy_end - self.busy_start) / wall if wall > 0 else 0.0
+
+    def rss_mb(self, name: str) -> dict[str, float]:
+        series = self.series[name]
+
+        def mb(value: int) -> float:
+            return round(value / 1024**2, 1)
+
+        return {
+            "start": mb(series.start.rss_bytes) if series.start else 0.0,
+            "end": mb(series.end.rss_bytes) if series.end else 0.0,
+            "peak": mb(series.peak_rss),
+        }
+
+
+# --------------------------------------------------------------------------- pipeline processes
+
+
+@dataclass
+class Pipeline:
+    """The bridge and consumer processes of one run, with their log files."""
+
+    bridge: subprocess.Popen[bytes]
+    ingesters: list[subprocess.Popen[bytes]]
+    logs: dict[str, Path] = field(default_factory=dict)
+
+    def all(self) -> list[tuple[str, subprocess.Popen[bytes]]]:
+        return [("runbridge", self.bridge)] + [(f"runingest#{i}", p) for i, p in enumerate(self.ingesters)]
+
+    def check_alive(self) -> None:
+        for name, process in self.all():
+            if process.poll() is not None:
+                raise BenchError(f"{name} exited with code {process.returncode}\n{self.tail(name)}")
+
+    def tail(self, name: str, lines: int = 20) -> str:
+        try:
+            text = self.logs[name].read_text(errors="replace").splitlines()[-lines:]
+        except (KeyError, OSError):
+            return ""
+        return "\n".join(f"    {line}" for line in text)
+
+
+def start_pipeline(env: dict[str, str], ingesters: int, log_dir: Path) -> Pipeline:
+    """Start runbridge and `ingesters` runingest processes (own sessions: Ctrl-C is ours to forward)."""
+    manage = str(Path(settings.BASE_DIR) / "manage.py")
+    logs: dict[str, Path] = {}
+
+    def spawn(name: str, command: str) -> subprocess.Popen[bytes]:
+        logs[name] = log_dir / f"{name.replace('#', '-')}.log"
+        with logs[name].open("wb") as out:
+            return subprocess.Popen(
+                [sys.executable, manage, command],
+                cwd=settings.BASE_DIR,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    ingest = [spawn(f"runingest#{i}", "runingest") for i in range(ingesters)]
+    return Pipeline(bridge=spawn("runbridge", "runbridge"), ingesters=ingest, logs=logs)
+
+
+def stop_pipeline(pipeline: Pipeline) -> dict[str, int | None]:
+    """SIGTERM the bridge first (it drains into JetStream), then the consumers; return exit codes."""
+    codes: dict[str, int | None] = {}
+    for group in ([("runbridge", pipeline.bridge)], [(f"runingest#{i}", p) for i, p in enumerate(pipeline.ingesters)]):
+        for _, process in group:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for name, process in group:
+            try:
+                codes[name] = process.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+                codes[name] = None  # did not stop within the timeout
+    return codes
+
+
+# --------------------------------------------------------------------------- database
+
+
+def max_raw_id() -> int:
+    with schema_context(SCHEMA), connection.cursor() as cursor:
+        cursor.execute("SELECT coalesce(max(id), 0) FROM telemetry_raw")
+        return int(cursor.fetchone()[0])
+
+
+def count_stored(base_id: int, prefix: str) -> int:
+    """telemetry_raw rows of messages whose msg_id starts with prefix (rows newer than base_id)."""
+    with schema_context(SCHEMA), connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM telemetry_raw WHERE id > %s AND msg_id LIKE %s", [base_id, _like_prefix(prefix)]
+        )
+        return int(cursor.fetchone()[0])
+
+
+def _like_prefix(prefix: str) -> str:
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def rejected_reasons(base_id: int, prefix: str) -> list[str]:
+    with schema_context(SCHEMA), connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT reason, count(*) FROM telemetry_raw WHERE id > %s AND msg_id LIKE %s AND status <> 'accepted' "
+            "GROUP BY reason ORDER BY count(*) DESC LIMIT 5",
+            [base_id, _like_prefix(prefix)],
+        )
+        return [f"{count}x {reason}" for reason, count in cursor.fetchall()]
+
+
+@dataclass
+class StoredRow:
+    raw_id: int
+    msg_id: str
+    status: str
+    readings: int
+    stored_ms: float
+    ts_ms: float | None
+
+
+def stored_rows(base_id: int, prefix: str) -> list[StoredRow]:
+    with schema_context(SCHEMA), connection.cursor() as cursor:
+        cursor.execute(
+            """
+            SELECT id, msg_id, status, readings, extract(epoch FROM stored_at) * 1000,
+                   (convert_from(payload, 'UTF8')::jsonb ->> 'ts')::float8
+            FROM telemetry_raw WHERE id > %s AND msg_id LIKE %s
+            """,
+            [base_id, _like_prefix(prefix)],
+        )
+        return [StoredRow(r[0], r[1], r[2], r[3], float(r[4]), r[5]) for r in cursor.fetchall()]
+
+
+def history_counts(raw_ids: Sequence[int], since_ms: float) -> dict[int, int]:
+    """History rows per raw id (readings are stamped with the device's ts, so no older than since_ms)."""
+    if not raw_ids:
+        return {}
+    with schema_context(SCHEMA), connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT raw_id, count(*) FROM telemetry_history WHERE time >= to_timestamp(%s) "
+            "AND raw_id BETWEEN %s AND %s GROUP BY raw_id",
+            [since_ms / 1000.0, min(raw_ids), max(raw_ids)],
+        )
+        wanted = set(raw_ids)
+        return {raw_id: count for raw_id, count in cursor.fetchall() if raw_id in wanted}
+
+
+def percentile(sorted_values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile of already sorted values (0 for none)."""
+    if not sorted_values:
+        return 0.0
+    index = min(len(sorted_values) - 1, max(0, math.ceil(fraction * len(sorted_values)) - 1))
+    return sorted_values[index]
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def machine_description() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} x {model}"
+
+
+class Bench:
+    """One benchmark run; `run()` returns the result dict (the JSON line) and writes progress to out."""
+
+    def __init__(self, bench: BenchSettings, out: Writer) -> None:
+        self.bench = bench
+        self.out = out
+        self.run_id = f"b{time.strftime('%m%d%H%M%S')}{uuid.uuid4().hex[:4]}"
+        self.servers: list[ServerHandle] = []
+        self.pipeline: Pipeline | None = None
+        self.exit_codes: dict[str, int | None] = {}
+
+    def log(self, text: str) -> None:
+        self.out.write(f"bench: {text}\n")
+        self.out.flush()
+
+    def sim_config(self, devices: list[str], prefix: str, **overrides: Any) -> SimulatorConfig:
+        config = SimulatorConfig(
+            devices=devices,
+            mqtt_url=self.broker_url,
+            mode=self.bench.mode,
+            children=GATEWAY_CHILDREN,
+            qos=1,
+            msg_id_prefix=prefix,
+            client_id_prefix=f"argus-bench-sim-{self.run_id}",
+        )
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        return config
+
+    def run(self) -> dict[str, Any]:
+        devices = ensure_bench_devices(self.bench, self.log)
+        log_dir = Path(settings.BASE_DIR) / ".run" / "bench" / self.run_id
+        log_dir.mkdir(parents=True, exist_ok=True)
+        broker = start_mosquitto(workdir=log_dir / "mosquitto")
+        self.servers.append(broker)
+        self.broker_url = broker.url
+        env = dict(os.environ)
+        env.update(
+            MQTT_URL=broker.url,
+            ARGUS_BRIDGE_CLIENT_ID=f"argus-bench-{self.run_id}",
+            ARGUS_BRIDGE_SHARE_GROUP="",
+            ARGUS_BRIDGE_METRICS_PORT="0",
+            ARGUS_INGEST_METRICS_PORT="0",
+        )
+        if self.bench.private_nats:
+            nats = start_nats(workdir=log_dir / "nats")
+            self.servers.append(nats)
+            env["NATS_URL"] = nats.url
+        self.log(
+            f"run {self.run_id}: broker {broker.url}, NATS {env.get('NATS_URL', settings.NATS_URL)}, logs {log_dir}"
+        )
+        base_id = max_raw_id()
+        self.pipeline = start_pipeline(env, self.bench.ingesters, log_dir)
+        self.warm_up(devices, base_id)
+
+        sampler = ProcSampler(
+            {
+                "bridge": [self.pipeline.bridge.pid],
+                "ingest": [p.pid for p in self.pipeline.ingesters],
+                "mosquitto": [broker.pid],
+            }
+        )
+        prefix = f"{self.run_id}-L"
+        rate = "flat out" if not self.bench.rate else f"{self.bench.rate:g} msgs/s"
+        self.log(
+            f"offering {rate} for {self.bench.seconds:g} s from {len(devices)} {self.bench.mode} devices "
+            f"({self.bench.sim_processes} simulator process(es), QoS 1)"
+        )
+        sampler.mark_start()
+        result = run_simulation(
+            self.sim_config(
+                devices, prefix, rate=self.bench.rate, seconds=self.bench.seconds, processes=self.bench.sim_processes
+            )
+        )
+        self.log(result.summary_line())
+        stored = self.drain(base_id, prefix, result.sent)
+        sampler.mark_end()
+        self.log(f"stored {stored} of {result.sent} messages; stopping the pipeline")
+        self.exit_codes = stop_pipeline(self.pipeline)
+        return self.analyse(base_id, prefix, result, sampler)
+
+    def warm_up(self, devices: list[str], base_id: int) -> None:
+        """Wait until a probe message is stored (bridge subscribed, consumer running), then send one
+        message per device so caches, children and connections are warm before measuring."""
+        assert self.pipeline is not None
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            self.pipeline.check_alive()
+            if time.monotonic() - started > READY_TIMEOUT:
+                raise BenchError(
+                    f"no probe message stored within {READY_TIMEOUT:.0f} s\n"
+                    + "\n".join(f"{name}:\n{self.pipeline.tail(name)}" for name, _ in self.pipeline.all())
+                )
+            prefix = f"{self.run_id}-P{attempt}-"
+            # Before the bridge has subscribed the broker drops the probe: send it again until one lands.
+            run_simulation(self.sim_config(devices[:1], prefix, messages=1, ack_timeout=5.0))
+            attempt += 1
+            probe_deadline = time.monotonic() + 2.0
+            while time.monotonic() < probe_deadline:
+                if count_stored(base_id, f"{self.run_id}-P"):
+                    break
+                time.sleep(0.1)
+            else:
+                continue
+            break
+        reasons = rejected_reasons(base_id, f"{self.run_id}-P")
+        if reasons:
+            raise BenchError(f"the pipeline rejected the probe message: {reasons}")
+        self.log(f"pipeline ready after {time.monotonic() - started:.1f} s; warming up with one message per device")
+        prefix = f"{self.run_id}-W"
+        warm = run_simulation(self.sim_config(devices, prefix, messages=len(devices), processes=1))
+        deadline = time.monotonic() + READY_TIMEOUT
+        while count_stored(base_id, prefix) < warm.sent:
+            self.pipeline.check_alive()
+            if time.monotonic() > deadline:
+                raise BenchError(f"warm-up messages not all stored within {READY_TIMEOUT:.0f} s")
+            time.sleep(0.2)
+        reasons = rejected_reasons(base_id, prefix)
+        if reasons:
+            raise BenchError(f"the pipeline rejected warm-up messages: {reasons}")
+
+    def drain(self, base_id: int, prefix: str, sent: int) -> int:
+        """Wait until every sent message is stored or nothing new is stored for DRAIN_IDLE_SECONDS."""
+        assert self.pipeline is not None
+        stored, last_progress = -1, time.monotonic()
+        while True:
+            now_stored = count_stored(base_id, prefix)
+            if now_stored != stored:
+                stored, last_progress = now_stored, time.monotonic()
+            if stored >= sent or time.monotonic() - last_progress > DRAIN_IDLE_SECONDS:
+                return stored
+            self.pipeline.check_alive()
+            time.sleep(0.25)
+
+    def analyse(self, base_id: int, prefix: str, result: SimulatorResult, sampler: ProcSampler) -> dict[str, Any]:
+        expected = set(result.msg_ids())
+        rows = stored_rows(base_id, prefix)
+        per_message = self.bench.readings_per_message
+        seen: set[str] = set()
+        unexpected_raw = 0
+        rejected = 0
+        latencies: list[float] = []
+        for row in rows:
+            if row.msg_id not in expected or row.msg_id in seen:
+                unexpected_raw += 1
+                continue
+            seen.add(row.msg_id)
+            if row.status != "accepted":
+                rejected += 1
+            if row.ts_ms is not None:
+                latencies.append(row.stored_ms - row.ts_ms)
+        lost = len(expected - seen)
+        accepted_ids = [r.raw_id for r in rows if r.status == "accepted"]
+        counts = history_counts(accepted_ids, result.first_send * 1000 - 60_000)
+        extra_history = sum(max(0, counts.get(i, 0) - per_message) for i in accepted_ids)
+        missing_readings = sum(max(0, per_message - counts.get(i, 0)) for i in accepted_ids)
+        stored_readings = sum(counts.values())
+        latencies.sort()
+
+        stored_times = sorted(r.stored_ms for r in rows)
+        first_stored = stored_times[0] / 1000 if stored_times else 0.0
+        last_stored = stored_times[-1] / 1000 if stored_times else 0.0
+        send_duration = result.duration
+        drain_seconds = max(0.0, last_stored - result.last_send) if stored_times else 0.0
+        stored_count = len(seen)
+        # Sustained rate. If the pipeline kept up (everything stored, the last message within a
+        # couple of seconds of the last send) it stored at the offered rate over the load window,
+        # and stored / send duration is the honest figure: the first and last stored_at sit on
+        # batch boundaries, so a short window measured from them is noisy. If it fell behind, a
+        # backlog built up and it was busy from its first to its last insert: then stored /
+        # (last stored_at - first stored_at) is its ceiling (a long drain shows up here).
+        kept_up = stored_count == len(expected) and drain_seconds <= max(2.0, 0.1 * send_duration)
+        if kept_up and send_duration > 0:
+            sustained = stored_count / send_duration
+            sustained_basis = "load window (pipeline kept up)"
+        elif last_stored > first_stored:
+            sustained = stored_count / (last_stored - first_stored)
+            sustained_basis = "first to last stored_at (pipeline fell behind)"
+        else:
+            sustained, sustained_basis = 0.0, "nothing stored"
+        readings_ratio = stored_readings / len(accepted_ids) if accepted_ids else 0.0
+
+        bridge_rss, ingest_rss = sampler.rss_mb("bridge"), sampler.rss_mb("ingest")
+        report: dict[str, Any] = {
+            "offered_msgs_per_s": round(result.sent / send_duration, 1) if send_duration > 0 else 0.0,
+            "sustained_msgs_per_s": round(sustained, 1),
+            "readings_per_s": round(sustained * readings_ratio, 1),
+            "p50_latency_ms": round(percentile(latencies, 0.50), 1),
+            "p99_latency_ms": round(percentile(latencies, 0.99), 1),
+            "max_latency_ms": round(latencies[-1], 1) if latencies else 0.0,
+            "lost": lost,
+            "duplicates": extra_history + unexpected_raw,
+            "rejected": rejected,
+            "missing_readings": missing_readings,
+            "sent": result.sent,
+            "acked_by_broker": result.acked,
+            "sim_errors": result.errors,
+            "stored": stored_count,
+            "readings_stored": stored_readings,
+            "send_seconds": round(send_duration, 2),
+            "drain_seconds": round(drain_seconds, 2),
+            "kept_up": kept_up,
+            "sustained_basis": sustained_basis,
+            "cpu_cores_bridge": round(sampler.cores("bridge"), 2),
+            "cpu_cores_ingest": round(sampler.cores("ingest"), 2),
+            "cpu_cores_mosquitto": round(sampler.cores("mosquitto"), 2),
+            "cpu_cores_machine": round(sampler.machine_cores(), 2),
+            "rss_mb_bridge_start": bridge_rss["start"],
+            "rss_mb_bridge_end": bridge_rss["end"],
+            "rss_mb_bridge_peak": bridge_rss["peak"],
+            "rss_mb_ingest_start": ingest_rss["start"],
+            "rss_mb_ingest_end": ingest_rss["end"],
+            "rss_mb_ingest_peak": ingest_rss["peak"],
+            "exit_codes": self.exit_codes,
+            "mode": self.bench.mode,
+            "rate": self.bench.rate,
+            "seconds": self.bench.seconds,
+            "devices": self.bench.devices,
+            "ingesters": self.bench.ingesters,
+            "machine": machine_description(),
+            "run_id": self.run_id,
+        }
+        if rejected:
+            report["rejected_reasons"] = rejected_reasons(base_id, prefix)
+        return report
+
+    def close(self) -> None:
+        if self.pipeline is not None:
+            for _, process in self.pipeline.all():
+                if process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
+            for _, process in self.pipeline.all():
+                try:
+                    process.wait(STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+        for server in reversed(self.servers):
+            server.stop()
+
+
+def failures(report: dict[str, Any]) -> list[str]:
+    """Why the run counts as failed (empty: passed)."""
+    problems = [f"{key}={report[key]}" for key in ("lost", "duplicates", "rejected", "missing_readings") if report[key]]
+    problems += [f"{name} exited with {code}" for name, code in report["exit_codes"].items() if code != 0]
+    return problems
+
+
+def human_summary(report: dict[str, Any]) -> str:
+    r = report
+    return "\n".join(
+        [
+            f"Argus bench {r['run_id']} on {r['machine']}: {r['mode']}, {r['devices']} devices, "
+            f"rate {r['rate'] or 'flat out'}, {r['seconds']:g} s",
+            f"  offered    {r['offered_msgs_per_s']:>10,.0f} msgs/s  ({r['sent']} sent in {r['send_seconds']} s)",
+            f"  sustained  {r['sustained_msgs_per_s']:>10,.0f} msgs/s  {r['readings_per_s']:,.0f} readings/s  "
+            f"[{r['sustained_basis']}; drained {r['drain_seconds']} s after the last send]",
+            f"  latency    p50 {r['p50_latency_ms']} ms  p99 {r['p99_latency_ms']} ms  max {r['max_latency_ms']} ms"
+            "  (stored_at - device ts)",
+            f"  integrity  lost {r['lost']}  duplicates {r['duplicates']}  rejected {r['rejected']}  "
+            f"missing readings {r['missing_readings']}",
+            f"  cpu cores  bridge {r['cpu_cores_bridge']}  ingest {r['cpu_cores_ingest']}  "
+            f"mosquitto {r['cpu_cores_mosquitto']}  whole machine {r['cpu_cores_machine']}",
+            f"  rss MB     bridge {r['rss_mb_bridge_start']} -> {r['rss_mb_bridge_end']} "
+            f"(peak {r['rss_mb_bridge_peak']})"
+            f"  ingest {r['rss_mb_ingest_start']} -> {r['rss_mb_ingest_end']} (peak {r['rss_mb_ingest_peak']})",
+            f"  exit codes {r['exit_codes']}",
+        ]
+    )
+
+
+def report_json(report: dict[str, Any]) -> str:
+    return json.dumps(report, separators=(",", ":"), sort_keys=False)

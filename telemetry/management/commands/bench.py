@@ -1,0 +1,37 @@
+"""`manage.py bench`: end-to-end pipeline benchmark (logic in telemetry.bench; `make bench` runs it)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError
+
+from telemetry.bench import Bench, BenchError, BenchSettings, failures, human_summary, report_json
+
+
+class Command(BaseCommand):
+    help = (
+        "Offer BENCH_RATE msgs/s (0 = flat out) for BENCH_SECONDS through a private Mosquitto, runbridge, "
+        "JetStream and runingest into tenant 'bench'; print a summary and, last, one JSON line. "
+        "Exits non-zero on lost or duplicate messages."
+    )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        try:
+            bench = Bench(BenchSettings.from_env(), self.stdout)
+        except (BenchError, ValueError) as exc:
+            raise CommandError(str(exc)) from exc
+        try:
+            report = bench.run()
+        except BenchError as exc:
+            raise CommandError(str(exc)) from exc
+        finally:
+            bench.close()
+        self.stdout.write(human_summary(report))
+        problems = failures(report)
+        if problems:
+            self.stdout.write("FAILED: " + ", ".join(problems))
+        # The JSON object is the last line: scripts read it with `tail -n 1`.
+        self.stdout.write(report_json(report))
+        if problems:
+            raise SystemExit(1)
