@@ -1,7 +1,7 @@
 """The MQTT → NATS JetStream bridge behind `manage.py runbridge`.
 
-paho-mqtt (MQTT 5, persistent session, QoS 1, manual acknowledgement) runs its network loop in
-its own thread and appends each message to a deque; the asyncio side routes it (device →
+paho-mqtt (MQTT 5, persistent session, QoS 1, manual acknowledgement), driven by the same
+asyncio loop (bridge/mqtt.py), appends each message to a deque; `step()` routes it (device →
 tenant), publishes it to JetStream without awaiting each PubAck (a bounded window of
 `publish_async` futures) and acknowledges the MQTT message only once its PubAck has arrived.
 A message whose publish fails or times out is published again with the same message id, which
@@ -33,6 +33,7 @@ from paho.mqtt.properties import Properties
 from prometheus_client import Counter, Gauge
 
 from argus.registry import use_public_schema
+from bridge.mqtt import AsyncioDriver, BufferedClient
 from telemetry import jetstream as js_defs
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ DEAD_LETTERED = Counter("argus_bridge_dead_lettered_total", "Messages sent to th
 PUBLISH_RETRIES = Counter("argus_bridge_publish_retries_total", "JetStream publishes tried again")
 INFLIGHT = Gauge("argus_bridge_inflight", "Messages published and awaiting their PubAck")
 ROUTE_LOOKUPS = Counter("argus_bridge_route_lookups_total", "Device route lookups", ["source"])
+ROUTE_CACHE_HITS = ROUTE_LOOKUPS.labels("cache")
 MQTT_CONNECTED = Gauge("argus_bridge_mqtt_connected", "1 while connected to the MQTT broker")
 
 
@@ -67,6 +69,7 @@ class Pending:
     headers: dict[str, str]
     sent_at: float = 0.0
     attempts: int = 0
+    failed: bool = False
     future: asyncio.Future[Any] | None = field(default=None, repr=False)
 
 
@@ -83,7 +86,7 @@ class RouteCache:
         """(known to the cache, route or None)."""
         entry = self._routes.get(logical_id)
         if entry is not None and entry[0] > time.monotonic():
-            ROUTE_LOOKUPS.labels("cache").inc()
+            ROUTE_CACHE_HITS.inc()
             return True, entry[1]
         return False, None
 
@@ -129,7 +132,8 @@ class MqttBridge:
     """Moves device messages from the MQTT broker into JetStream; `step()` forwards one batch."""
 
     batch = 2000
-    publish_timeout = 5.0
+    # A PubAck this late means the publish (or its ack) was lost, e.g. across a NATS reconnect.
+    publish_timeout = 30.0
 
     def __init__(
         self,
@@ -146,6 +150,9 @@ class MqttBridge:
         share_group = settings.ARGUS_BRIDGE_SHARE_GROUP if share_group is None else share_group
         self.topic = f"$share/{share_group}/{TOPIC}" if share_group else TOPIC
         self.max_inflight = max_inflight or settings.ARGUS_BRIDGE_MAX_INFLIGHT
+        # MQTT 3.1.1 by default: paho builds an MQTT 5 Properties object for every received
+        # message, which measured as half of the bridge's CPU. Both keep a persistent session.
+        self.protocol = mqtt.MQTTv5 if settings.ARGUS_BRIDGE_MQTT_PROTOCOL == "5" else mqtt.MQTTv311
         self.max_payload = settings.ARGUS_MAX_PAYLOAD_BYTES
         self.routes = RouteCache()
         self._incoming: deque[mqtt.MQTTMessage] = deque()
@@ -153,7 +160,8 @@ class MqttBridge:
         self._draining = False
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
-        self._client: mqtt.Client | None = None
+        self._client: BufferedClient | None = None
+        self._driver: AsyncioDriver | None = None
         self._last_sweep = 0.0
         self.subscribed = asyncio.Event()
 
@@ -168,18 +176,24 @@ class MqttBridge:
             reconnect_time_wait=1,
             error_cb=self._nats_error,
         )
-        self._js = self._nc.jetstream(publish_async_max_pending=self.max_inflight)
+        # Our own window (max_inflight) bounds what is in flight; nats-py's must never make a
+        # publish wait (its semaphore scans its waiters on every acquire).
+        self._js = self._nc.jetstream(publish_async_max_pending=2 * self.max_inflight + 1000)
         await js_defs.ensure_streams(self._js)
         await asyncio.to_thread(self.routes.load)
-        self._client = self._make_client()
-        self._client.connect_async(
-            self.mqtt_url.hostname or "127.0.0.1",
-            self.mqtt_url.port or (8883 if self.mqtt_url.scheme == "mqtts" else 1883),
-            keepalive=30,
-            clean_start=False,
-            properties=self._connect_properties(),
-        )
-        self._client.loop_start()
+        client = self._client = self._make_client()
+
+        host = self.mqtt_url.hostname or "127.0.0.1"
+        port = self.mqtt_url.port or (8883 if self.mqtt_url.scheme == "mqtts" else 1883)
+
+        def connect() -> None:
+            if self.protocol == mqtt.MQTTv5:
+                client.connect(host, port, keepalive=30, clean_start=False, properties=self._connect_properties())
+            else:
+                client.connect(host, port, keepalive=30)
+
+        self._driver = AsyncioDriver(client, connect)
+        self._driver.start()
 
     async def close(self) -> None:
         """Stop taking messages, finish those in hand (publish + ack), then disconnect."""
@@ -194,23 +208,25 @@ class MqttBridge:
                 len(self._inflight) + len(self._incoming),
             )
         if self._client is not None:
-            # Let the PUBACKs reach the broker before the DISCONNECT.
-            await asyncio.sleep(0.2)
-            self._client.disconnect()
-            self._client.loop_stop()
+            # The PUBACKs go out before the DISCONNECT.
+            self._client.loop_write()
+            if self._driver is not None:
+                await self._driver.stop()
         if self._nc is not None:
             await self._nc.drain()
 
     # -- work --
 
     async def step(self) -> bool:
-        """Route and publish what has arrived; retry timed-out publishes. False when idle."""
-        self._sweep()
-        if not self._incoming:
+        """Route and publish what has arrived; retry failed publishes. False when idle."""
+        await self._sweep()
+        room = min(self.batch, self.max_inflight - len(self._inflight))
+        if not self._incoming or room <= 0:
+            # Idle, or the window is full: leaving messages unacknowledged makes the broker wait.
             await asyncio.sleep(0.002)
             return False
         batch: list[mqtt.MQTTMessage] = []
-        while self._incoming and len(batch) < self.batch:
+        while self._incoming and len(batch) < room:
             batch.append(self._incoming.popleft())
         unknown = {logical_id for logical_id in map(_logical_id, batch) if not self.routes.get(logical_id)[0]}
         if unknown:
@@ -254,11 +270,13 @@ class MqttBridge:
         assert self._js is not None
         pending.sent_at = time.monotonic()
         pending.attempts += 1
+        pending.failed = False
         try:
             future = await self._js.publish_async(pending.subject, pending.payload, headers=pending.headers)
         except Exception as exc:  # noqa: BLE001 - logged and retried by the sweep
-            # Not connected or window stalled: the sweep tries again after the timeout.
+            # Not connected: the sweep tries again.
             log.warning("publish failed, will retry subject=%s: %s", pending.subject, exc)
+            pending.failed = True
             return
         pending.future = future
         future.add_done_callback(functools.partial(self._published, pending))
@@ -268,6 +286,7 @@ class MqttBridge:
             # Left in flight: the sweep republishes it with the same message id.
             if not future.cancelled():
                 log.warning("publish not acknowledged subject=%s: %s", pending.subject, future.exception())
+                pending.failed = True
             return
         key = pending.headers[js_defs.H_MSG_ID]
         if self._inflight.pop(key, None) is None:
@@ -277,25 +296,29 @@ class MqttBridge:
             self._client.ack(pending.mid, pending.qos)
         FORWARDED.inc()
 
-    def _sweep(self) -> None:
+    async def _sweep(self) -> None:
+        """Once a second: publish again what failed or got no PubAck in time (same message id,
+        so JetStream keeps one copy)."""
         now = time.monotonic()
         if now - self._last_sweep < 1.0:
             return
         self._last_sweep = now
         for pending in list(self._inflight.values()):
-            if now - pending.sent_at > self.publish_timeout:
+            if pending.failed or now - pending.sent_at > self.publish_timeout:
                 if pending.future is not None and not pending.future.done():
                     pending.future.cancel()
                 PUBLISH_RETRIES.inc()
-                self._loop.create_task(self._publish(pending))
+                await self._publish(pending)
 
     # -- MQTT side (paho's thread) --
 
-    def _make_client(self) -> mqtt.Client:
-        client = mqtt.Client(
+    def _make_client(self) -> BufferedClient:
+        client = BufferedClient(
             CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
-            protocol=mqtt.MQTTv5,
+            protocol=self.protocol,
+            # MQTT 3.1.1: a persistent session is clean_session=False (MQTT 5 sets it at connect).
+            clean_session=False if self.protocol == mqtt.MQTTv311 else None,
             manual_ack=True,
         )
         if self.mqtt_url.scheme == "mqtts":
@@ -304,8 +327,6 @@ class MqttBridge:
             client.tls_set_context(context)
         if self.mqtt_url.username:
             client.username_pw_set(self.mqtt_url.username, self.mqtt_url.password)
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
-        client.max_inflight_messages_set(self.max_inflight)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -329,7 +350,7 @@ class MqttBridge:
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
         log.info("mqtt subscribed topic=%s reasons=%s", self.topic, [str(r) for r in reasons])
-        self._loop.call_soon_threadsafe(self.subscribed.set)
+        self.subscribed.set()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         MQTT_CONNECTED.set(0)
@@ -337,6 +358,7 @@ class MqttBridge:
             log.warning("mqtt disconnected: %s (reconnecting)", reason)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        # Runs on the event loop's thread (bridge/mqtt.py drives paho).
         if self._draining:
             # Not acknowledged: the broker keeps it in our session and redelivers it.
             return
