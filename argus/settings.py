@@ -189,6 +189,8 @@ ARGUS_MAX_PAYLOAD_BYTES = env_int("ARGUS_MAX_PAYLOAD_BYTES", 256 * 1024)
 # Readings whose timestamp is further than this from the receive time are rejected.
 ARGUS_MAX_FUTURE_SECONDS = env_int("ARGUS_MAX_FUTURE_SECONDS", 24 * 3600)
 ARGUS_MAX_PAST_SECONDS = env_int("ARGUS_MAX_PAST_SECONDS", 365 * 24 * 3600)
+# devices.last_seen and assets.last_telemetry_at are kept to within this many seconds.
+ARGUS_LAST_SEEN_RESOLUTION_SECONDS = env_float("ARGUS_LAST_SEEN_RESOLUTION_SECONDS", 5.0)
 # Daily partitions of telemetry_history created ahead of time.
 ARGUS_PARTITION_DAYS_AHEAD = env_int("ARGUS_PARTITION_DAYS_AHEAD", 7)
 
@@ -213,7 +215,9 @@ ARGUS_INGEST_BATCH_WAIT_SECONDS = env_float("ARGUS_INGEST_BATCH_WAIT_SECONDS", 0
 # group so several bridges split the load, and how many publishes may await their PubAck.
 ARGUS_BRIDGE_CLIENT_ID = env("ARGUS_BRIDGE_CLIENT_ID", "argus-bridge-1")
 ARGUS_BRIDGE_SHARE_GROUP = env("ARGUS_BRIDGE_SHARE_GROUP", "")
-ARGUS_BRIDGE_MAX_INFLIGHT = env_int("ARGUS_BRIDGE_MAX_INFLIGHT", 5000)
+ARGUS_BRIDGE_MAX_INFLIGHT = env_int("ARGUS_BRIDGE_MAX_INFLIGHT", 4000)
+# MQTT protocol of the bridge's own connection: "3.1.1" (default, cheaper per message) or "5".
+ARGUS_BRIDGE_MQTT_PROTOCOL = env("ARGUS_BRIDGE_MQTT_PROTOCOL", "3.1.1")
 ARGUS_BRIDGE_SESSION_EXPIRY_SECONDS = env_int("ARGUS_BRIDGE_SESSION_EXPIRY_SECONDS", 7 * 24 * 3600)
 # mTLS client credential of the bridge when MQTT_URL is mqtts:// (files from `pki issue-client`).
 ARGUS_BRIDGE_CERT = env("ARGUS_BRIDGE_CERT", str(ARGUS_PKI_DIR / "clients" / "argus-bridge.crt"))

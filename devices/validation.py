@@ -9,8 +9,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import fastjsonschema
 import jsonschema
-from jsonschema.exceptions import SchemaError
+from jsonschema.exceptions import SchemaError, best_match
 
 METRIC_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,63}$")
 
@@ -53,3 +54,64 @@ def json_document_errors(field: str, document: Any, schema: dict[str, Any]) -> E
         where = "/".join(str(p) for p in error.absolute_path) or "(root)"
         messages.append(f"{where}: {error.message}")
     return {field: messages} if messages else {}
+
+
+# Keywords newer than draft 7, which fastjsonschema does not know (it would ignore them).
+NEWER_KEYWORDS = frozenset(
+    {
+        "$defs",
+        "$dynamicRef",
+        "$dynamicAnchor",
+        "$anchor",
+        "$vocabulary",
+        "prefixItems",
+        "dependentRequired",
+        "dependentSchemas",
+        "unevaluatedProperties",
+        "unevaluatedItems",
+        "minContains",
+        "maxContains",
+    }
+)
+
+
+def _keywords(node: Any) -> set[str]:
+    if isinstance(node, dict):
+        found = set(node)
+        for value in node.values():
+            found |= _keywords(value)
+        return found
+    if isinstance(node, list):
+        return set().union(*(_keywords(v) for v in node)) if node else set()
+    return set()
+
+
+class MessageValidator:
+    """A device type's JSON Schema, compiled for the ingest hot path.
+
+    jsonschema is the authority (and writes the error messages); where the schema uses only
+    draft-7 keywords, fastjsonschema's generated code answers "valid" about 20x faster first.
+    """
+
+    def __init__(self, schema: dict[str, Any]) -> None:
+        self._full = jsonschema.validators.validator_for(schema)(schema)
+        self._fast: Any = None
+        if not _keywords(schema) & NEWER_KEYWORDS:
+            try:
+                self._fast = fastjsonschema.compile(schema)
+            except fastjsonschema.JsonSchemaDefinitionException:
+                self._fast = None
+
+    def error(self, document: Any) -> str | None:
+        """The first violation as `schema: <path>: <message>`, or None when the document is valid."""
+        if self._fast is not None:
+            try:
+                self._fast(document)
+                return None
+            except fastjsonschema.JsonSchemaValueException:
+                pass  # let jsonschema decide and explain
+        error = best_match(self._full.iter_errors(document))
+        if error is None:
+            return None
+        where = "/".join(str(p) for p in error.absolute_path) or "(root)"
+        return f"schema: {where}: {error.message[:300]}"

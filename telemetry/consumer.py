@@ -93,6 +93,8 @@ class IngestConsumer:
         # Django connections are per thread: all database work happens on this one.
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-db")
         self._known_schemas: dict[str, float] = {}
+        self._prefetch: asyncio.Future[list[Msg]] | None = None
+        self._closing = False
         self._last_lag_check = 0.0
 
     async def start(self) -> None:
@@ -102,7 +104,7 @@ class IngestConsumer:
             max_reconnect_attempts=-1,
             reconnect_time_wait=1,
             error_cb=_log_nats_error,
-            disconnected_cb=_log_nats_event("disconnected"),
+            disconnected_cb=self._on_disconnected,
             reconnected_cb=_log_nats_event("reconnected"),
         )
         self._js = self._nc.jetstream()
@@ -113,6 +115,14 @@ class IngestConsumer:
 
     async def close(self) -> None:
         """Disconnect (after the batch in hand has been acknowledged)."""
+        self._closing = True
+        if self._prefetch is not None:
+            # Fetched but not stored: hand them back now rather than after the ack wait.
+            try:
+                for msg in await self._prefetch:
+                    await msg.nak()
+            except (TimeoutError, nats.errors.TimeoutError, asyncio.CancelledError):
+                pass
         if self._nc is not None:
             # Acks are plain publishes: flush them out before closing. (drain() would wait for
             # the pull subscription's open request to expire.)
@@ -121,19 +131,29 @@ class IngestConsumer:
         self._db.shutdown(wait=True)
 
     async def step(self) -> bool:
-        """Fetch, store and acknowledge one batch; False when there was nothing to do."""
-        assert self._sub is not None
+        """Store and acknowledge one batch; False when there was nothing to do.
+
+        The next batch is fetched while this one is stored, so neither NATS delivery nor the
+        database waits for the other.
+        """
+        fetching = self._prefetch or asyncio.ensure_future(self._fetch())
+        self._prefetch = None
         try:
-            # Our own deadline too: some nats-server versions end a pull without its status.
-            msgs = await asyncio.wait_for(
-                self._sub.fetch(self.batch_size, timeout=max(self.batch_wait, 0.05)), timeout=self.batch_wait + 2
-            )
+            msgs = await fetching
         except (TimeoutError, nats.errors.TimeoutError):
             await self._report_lag()
             return False
+        self._prefetch = asyncio.ensure_future(self._fetch())
         outcome = await self.handle(msgs)
         await self._report_lag()
         return outcome.fetched > 0
+
+    async def _fetch(self) -> list[Msg]:
+        assert self._sub is not None
+        # Our own deadline too: some nats-server versions end a pull without its status.
+        return await asyncio.wait_for(
+            self._sub.fetch(self.batch_size, timeout=max(self.batch_wait, 0.05)), timeout=self.batch_wait + 2
+        )
 
     async def handle(self, msgs: list[Msg]) -> StepOutcome:
         """Store a fetched batch and settle every message in it (ack, nak or dead-letter)."""
@@ -262,6 +282,10 @@ class IngestConsumer:
         await msg.ack()
         log.warning("dead-lettered code=%s subject=%s reason=%s", code, msg.subject, reason)
 
+    async def _on_disconnected(self) -> None:
+        if not self._closing:
+            log.warning("nats disconnected")
+
     async def _report_lag(self) -> None:
         if self._sub is None or time.monotonic() - self._last_lag_check < 5:
             return
@@ -278,7 +302,10 @@ def _merge(total: BatchResult, result: BatchResult) -> None:
     total.rejected += result.rejected
     total.duplicates += result.duplicates
     total.readings += result.readings
+    total.chunks += result.chunks
+    total.conflicts += result.conflicts
     total.children_registered += result.children_registered
+    total.completed_transactions.extend(result.completed_transactions)
     total.latest.update(result.latest)
 
 

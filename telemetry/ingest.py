@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+import psycopg
 from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
@@ -283,41 +284,89 @@ def _write(prepared: list[Prepared]) -> tuple[BatchResult, dict[str, int]]:
     return result, inserted
 
 
+RAW_COLUMNS = (
+    "device_id, logical_identifier, msg_id, ingest_key, payload, received_at, transport, status, reason, readings"
+)
+
+
+def _raw_row(key: str, item: Prepared) -> tuple[object, ...]:
+    return (
+        item.device.id if item.device else None,
+        item.message.logical_id,
+        item.decoded.msg_id if item.decoded else None,
+        key,
+        item.message.payload,
+        item.message.received_at,
+        item.message.transport,
+        item.status,
+        item.reason,
+        sum(len(values) for _, _, values in item.rows),
+    )
+
+
 def _insert_raw(unique: dict[str, Prepared]) -> dict[str, int]:
-    """COPY raw rows into staging and insert those not stored before; ingest key -> raw id."""
+    """Insert the raw rows not stored before; ingest key -> raw id.
+
+    The common case (nothing stored before) is one COPY straight into the table with ids taken
+    from its sequence. A redelivered message makes that COPY fail on the unique ingest key;
+    then, after rolling back to a savepoint, the batch goes through a staging table and
+    `ON CONFLICT DO NOTHING`.
+    """
+    if not unique:
+        return {}
+    try:
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT nextval(pg_get_serial_sequence('telemetry_raw', 'id')) FROM generate_series(1, %s)",
+                [len(unique)],
+            )
+            ids = [row[0] for row in cursor.fetchall()]
+            stored_at = timezone.now()
+            with cursor.cursor.copy(f"COPY telemetry_raw (id, stored_at, {RAW_COLUMNS}) FROM STDIN") as copy:
+                for raw_id, (key, item) in zip(ids, unique.items(), strict=True):
+                    copy.write_row((raw_id, stored_at, *_raw_row(key, item)))
+            return dict(zip(unique, ids, strict=True))
+    except psycopg.errors.UniqueViolation:
+        pass
     with connection.cursor() as cursor:
         cursor.execute(STAGE_TABLES)
-        with cursor.cursor.copy(
-            "COPY ingest_raw_stage (device_id, logical_identifier, msg_id, ingest_key, payload, received_at, "
-            "transport, status, reason, readings) FROM STDIN"
-        ) as copy:
+        with cursor.cursor.copy(f"COPY ingest_raw_stage ({RAW_COLUMNS}) FROM STDIN") as copy:
             for key, item in unique.items():
-                copy.write_row(
-                    (
-                        item.device.id if item.device else None,
-                        item.message.logical_id,
-                        item.decoded.msg_id if item.decoded else None,
-                        key,
-                        item.message.payload,
-                        item.message.received_at,
-                        item.message.transport,
-                        item.status,
-                        item.reason,
-                        sum(len(values) for _, _, values in item.rows),
-                    )
-                )
+                copy.write_row(_raw_row(key, item))
         cursor.execute(
-            """
-            INSERT INTO telemetry_raw (device_id, logical_identifier, msg_id, ingest_key, payload, received_at,
-                                       stored_at, transport, status, reason, readings)
-            SELECT device_id, logical_identifier, msg_id, ingest_key, payload, received_at,
-                   clock_timestamp(), transport, status, reason, readings
-            FROM ingest_raw_stage
+            f"""
+            INSERT INTO telemetry_raw (stored_at, {RAW_COLUMNS})
+            SELECT clock_timestamp(), {RAW_COLUMNS} FROM ingest_raw_stage
             ON CONFLICT (ingest_key) DO NOTHING
             RETURNING id, ingest_key
             """
         )
         return {key: raw_id for raw_id, key in cursor.fetchall()}
+
+
+def _insert_history(rows: list[tuple[datetime, int, str, float, int]]) -> int:
+    """Insert readings; returns how many were new. A second reading of one (device, metric,
+    time) keeps the first value. COPY straight into the table, or, when that meets an existing
+    key, through a staging table with `ON CONFLICT DO NOTHING`."""
+    columns = "time, device_id, metric, value, raw_id"
+    try:
+        with transaction.atomic(), connection.cursor() as cursor:
+            with cursor.cursor.copy(f"COPY telemetry_history ({columns}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+            return len(rows)
+    except psycopg.errors.UniqueViolation:
+        pass
+    with connection.cursor() as cursor:
+        cursor.execute(STAGE_TABLES)
+        with cursor.cursor.copy(f"COPY ingest_history_stage ({columns}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+        cursor.execute(
+            f"INSERT INTO telemetry_history ({columns}) "
+            f"SELECT {columns} FROM ingest_history_stage ON CONFLICT DO NOTHING"
+        )
+        return cursor.rowcount
 
 
 def write_readings(
@@ -330,32 +379,21 @@ def write_readings(
     Fills `result.readings`, `result.conflicts` and `result.latest`; `seen` maps device id to the
     time we last heard from it (updated with the readings' own times).
     """
-    staged = 0
-    with connection.cursor() as cursor:
-        cursor.execute(STAGE_TABLES)
-        if readings:
-            with cursor.cursor.copy(
-                "COPY ingest_history_stage (time, device_id, metric, value, raw_id) FROM STDIN"
-            ) as copy:
-                for device_id, time, values, raw_id in readings:
-                    for metric, value in values.items():
-                        copy.write_row((time, device_id, metric, value, raw_id))
-                        staged += 1
-                    newest = result.latest.get(device_id)
-                    if newest is None or newest[0] <= time:
-                        merged = {**newest[1], **values} if newest else dict(values)
-                        result.latest[device_id] = (time, merged)
-            # A second message with the same (device, metric, time) keeps the first value.
-            cursor.execute(
-                "INSERT INTO telemetry_history (time, device_id, metric, value, raw_id) "
-                "SELECT time, device_id, metric, value, raw_id FROM ingest_history_stage "
-                "ON CONFLICT DO NOTHING"
+    rows: list[tuple[datetime, int, str, float, int]] = []
+    for device_id, time, values, raw_id in readings:
+        rows.extend((time, device_id, metric, value, raw_id) for metric, value in values.items())
+        newest = result.latest.get(device_id)
+        if newest is None or newest[0] <= time:
+            result.latest[device_id] = (time, {**newest[1], **values} if newest else dict(values))
+    if rows:
+        written = _insert_history(rows)
+        result.readings += written
+        result.conflicts += len(rows) - written
+        if len(rows) > written:
+            log.warning(
+                "readings with an existing (device, metric, time) kept the first value: %d", len(rows) - written
             )
-            result.readings += cursor.rowcount
-            conflicts = staged - cursor.rowcount
-            result.conflicts += conflicts
-            if conflicts:
-                log.warning("readings with an existing (device, metric, time) kept the first value: %d", conflicts)
+    with connection.cursor() as cursor:
         for device_id, (time, _) in result.latest.items():
             if device_id not in seen or seen[device_id] < time:
                 seen[device_id] = time
@@ -363,13 +401,17 @@ def write_readings(
             return
         device_ids = list(seen)
         times = [seen[d] for d in device_ids]
+        # A row is rewritten only when its time moved on by more than the resolution: under load
+        # most devices are heard from every batch, and rewriting each row every time would cost
+        # more than the readings themselves.
+        resolution = float(settings.ARGUS_LAST_SEEN_RESOLUTION_SECONDS)
         cursor.execute(
             """
             UPDATE devices d SET last_seen = v.t
             FROM unnest(%s::bigint[], %s::timestamptz[]) AS v(id, t)
-            WHERE d.id = v.id AND (d.last_seen IS NULL OR d.last_seen < v.t)
+            WHERE d.id = v.id AND (d.last_seen IS NULL OR d.last_seen < v.t - make_interval(secs => %s))
             """,
-            [device_ids, times],
+            [device_ids, times, resolution],
         )
         cursor.execute(
             """
@@ -377,7 +419,8 @@ def write_readings(
             FROM (SELECT ad.asset_id, max(v.t) AS t
                   FROM unnest(%s::bigint[], %s::timestamptz[]) AS v(id, t)
                   JOIN asset_devices ad ON ad.device_id = v.id GROUP BY ad.asset_id) AS v
-            WHERE a.id = v.asset_id AND (a.last_telemetry_at IS NULL OR a.last_telemetry_at < v.t)
+            WHERE a.id = v.asset_id
+              AND (a.last_telemetry_at IS NULL OR a.last_telemetry_at < v.t - make_interval(secs => %s))
             """,
-            [device_ids, times],
+            [device_ids, times, resolution],
         )
