@@ -1,11 +1,14 @@
 """URLs of the public site (platform admin for tenants, and the API, which routes by credential)."""
 
 from django.contrib import admin
-from django.urls import include, path
+from django.contrib.staticfiles.urls import staticfiles_urlpatterns
+from django.urls import URLPattern, URLResolver, include, path
 
 from argus.urls_api import urlpatterns as api_urlpatterns
 
-urlpatterns = [
+urlpatterns: list[URLPattern | URLResolver] = [
     path("admin/", admin.site.urls),
     path("", include(api_urlpatterns)),
 ]
+# With DEBUG on, the admin's CSS and JS are served by any web process (gunicorn too); off: nothing.
+urlpatterns += staticfiles_urlpatterns()
