@@ -169,3 +169,67 @@ class Pipeline:
             if process.running():
                 codes[process.name] = process.stop()
         assert all(code == 0 for code in codes.values()), (codes, self.bridge.log(), self.ingest.log())
+
+
+class CeleryProcess(ManagedProcess):
+    """`celery -A argus <args>` as a child process in its own process group.
+
+    Its own group so that `kill()` takes the prefork pool's children down with the main
+    process, as a machine or container loss would (a SIGKILL of the main process alone would
+    leave the pool children running the task).
+    """
+
+    def start(self) -> CeleryProcess:
+        self.log_path = self.log_path.with_name(f"{self.name}-{uuid.uuid4().hex[:6]}.log")
+        log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "argus", *self.args],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+        return self
+
+    def full_log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL to the main process and its pool children."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+class Celery:
+    """A Celery worker and beat (schedule file in the log directory) with the pipeline env."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path, *, concurrency: int = 2) -> None:
+        self.env = env
+        self.worker = CeleryProcess(
+            "celery-worker",
+            ["worker", "--loglevel=INFO", f"--concurrency={concurrency}", "--without-gossip", "--without-mingle"],
+            env,
+            log_dir,
+        )
+        self.beat = CeleryProcess(
+            "celery-beat", ["beat", "--loglevel=INFO", f"--schedule={log_dir / 'celerybeat-schedule'}"], env, log_dir
+        )
+
+    def start(self) -> Celery:
+        self.start_worker()
+        self.beat.start()
+        wait_for(lambda: "beat: Starting" in self.beat.log(), timeout=30, what=f"beat to start: {self.beat.log()}")
+        return self
+
+    def start_worker(self) -> None:
+        self.worker.start()
+        wait_for(lambda: " ready." in self.worker.log(), timeout=30, what=f"the worker to start: {self.worker.log()}")
+
+    def stop(self) -> None:
+        codes = {}
+        for process in (self.beat, self.worker):
+            if process.running():
+                codes[process.name] = process.stop()
+        assert all(code == 0 for code in codes.values()), (codes, self.worker.log(), self.beat.log())

@@ -1,0 +1,204 @@
+"""Chunked-gateway benchmark (issue 4): how soon after its last chunk a 2000-beacon, 67-chunk
+transaction is fully stored, while BENCH_TX_RATE such transactions per second arrive.
+
+    DEBUG=1 .venv/bin/python -m telemetry.chunk_bench
+
+Runs a private Mosquitto and nats-server, runbridge, runingest and `celery -A argus worker -c 2`
+(on its own Redis database, BENCH_CELERY_BROKER_URL, so no other worker takes its tasks) in
+tenant `bench`. Latency is telemetry_transactions.completed_at - last_chunk_at: from the bridge
+receiving the last chunk to the reassembly writing every reading. The last line is one JSON object.
+
+Environment: BENCH_TX_RATE (transactions/s; 20), BENCH_SECONDS (20), BENCH_GATEWAYS (20),
+BENCH_WORKER_CONCURRENCY (2), BENCH_INGESTERS (1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import django
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "argus.settings")
+django.setup()
+
+from django.conf import settings  # noqa: E402
+from django.db import connection, transaction  # noqa: E402
+from django_tenants.utils import schema_context  # noqa: E402
+
+from argus.devservices import start_mosquitto, start_nats  # noqa: E402
+from argus.models import Domain, Organization  # noqa: E402
+from argus.registry import registry_sync  # noqa: E402
+from devices.models import Device, DeviceRole, DeviceType, ProcessingMode  # noqa: E402
+from telemetry.bench import SCHEMA, percentile, start_pipeline, stop_pipeline  # noqa: E402
+from telemetry.simulator import CHILD_METRICS, SimulatorConfig, chunk_count, run_simulation  # noqa: E402
+
+TYPE_NAME = "Bench Chunked Gateway"
+BEACONS = 2000
+CHUNK_SIZE = 30
+WORKER_FLAGS = ("--without-gossip", "--without-mingle", "--purge")
+
+
+def log(text: str) -> None:
+    print(f"chunk-bench: {text}", flush=True)
+
+
+def ensure_gateways(count: int) -> list[str]:
+    tenant = Organization.objects.filter(schema_name=SCHEMA).first()
+    if tenant is None:
+        log("creating tenant 'bench'")
+        tenant = Organization.objects.create(schema_name=SCHEMA, name="Benchmark")
+    Domain.objects.get_or_create(domain="bench.localhost", defaults={"tenant": tenant, "is_primary": True})
+    ids = [f"BENCH-C-{i:05d}" for i in range(count)]
+    with schema_context(SCHEMA), transaction.atomic():
+        device_type = DeviceType.objects.filter(name=TYPE_NAME).first()
+        if device_type is None:
+            device_type = DeviceType(
+                name=TYPE_NAME,
+                description="Created by telemetry.chunk_bench",
+                processing_mode=ProcessingMode.GATEWAY_CHUNKED,
+                metrics=list(CHILD_METRICS),
+                auto_register_children=True,
+                max_children=5000,
+                max_chunks=100,
+            )
+            device_type.full_clean()
+            device_type.save()
+        existing = set(Device.objects.filter(logical_identifier__in=ids).values_list("logical_identifier", flat=True))
+        missing = [i for i in ids if i not in existing]
+        if missing:
+            created = Device.objects.bulk_create(
+                [
+                    Device(
+                        device_type=device_type, name=f"bench {i}", logical_identifier=i, device_role=DeviceRole.GATEWAY
+                    )
+                    for i in missing
+                ]
+            )
+            registry_sync(devices=created)
+    return ids
+
+
+def transactions(prefix: str) -> list[tuple[str, float | None, int, int]]:
+    """(status, completed - last chunk in ms, received, readings) of this run's transactions."""
+    with schema_context(SCHEMA), connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT status, extract(epoch FROM completed_at - last_chunk_at) * 1000, received_chunks, readings "
+            "FROM telemetry_transactions WHERE transaction_id LIKE %s",
+            [prefix.replace("_", "\\_") + "%"],
+        )
+        return [(r[0], float(r[1]) if r[1] is not None else None, r[2], r[3]) for r in cursor.fetchall()]
+
+
+def wait_done(prefix: str, expected: int, timeout: float) -> list[tuple[str, float | None, int, int]]:
+    deadline = time.monotonic() + timeout
+    rows = transactions(prefix)
+    while time.monotonic() < deadline:
+        rows = transactions(prefix)
+        if len(rows) >= expected and all(r[0] != "pending" for r in rows):
+            break
+        time.sleep(0.5)
+    return rows
+
+
+def main() -> int:
+    tx_rate = float(os.environ.get("BENCH_TX_RATE", "20"))
+    seconds = float(os.environ.get("BENCH_SECONDS", "20"))
+    gateways = ensure_gateways(int(os.environ.get("BENCH_GATEWAYS", "20")))
+    concurrency = os.environ.get("BENCH_WORKER_CONCURRENCY", "2")
+    run_id = f"c{time.strftime('%m%d%H%M%S')}{uuid.uuid4().hex[:4]}"
+    log_dir = Path(settings.BASE_DIR) / ".run" / "chunk-bench" / run_id
+    log_dir.mkdir(parents=True, exist_ok=True)
+    broker = start_mosquitto(workdir=log_dir / "mosquitto")
+    nats = start_nats(workdir=log_dir / "nats")
+    env = dict(os.environ)
+    env.update(
+        MQTT_URL=broker.url,
+        NATS_URL=nats.url,
+        CELERY_BROKER_URL=os.environ.get("BENCH_CELERY_BROKER_URL", "redis://127.0.0.1:6379/14"),
+        ARGUS_BRIDGE_CLIENT_ID=f"argus-chunk-bench-{run_id}",
+        ARGUS_BRIDGE_SHARE_GROUP="",
+        ARGUS_BRIDGE_METRICS_PORT="0",
+        ARGUS_INGEST_METRICS_PORT="0",
+    )
+    pipeline = start_pipeline(env, int(os.environ.get("BENCH_INGESTERS", "1")), log_dir)
+    with (log_dir / "celery-worker.log").open("wb") as out:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "argus", "worker", "-c", concurrency, "-l", "INFO", *WORKER_FLAGS],
+            cwd=settings.BASE_DIR,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    log(f"run {run_id}: logs in {log_dir}")
+    chunks = chunk_count(BEACONS, CHUNK_SIZE)
+
+    def config(prefix: str, **overrides: Any) -> SimulatorConfig:
+        values: dict[str, Any] = {
+            "devices": gateways,
+            "mqtt_url": broker.url,
+            "mode": "gateway_chunked",
+            "beacons": BEACONS,
+            "chunk_size": CHUNK_SIZE,
+            "msg_id_prefix": prefix,
+            "client_id_prefix": f"argus-chunk-bench-{run_id}",
+        }
+        values.update(overrides)
+        return SimulatorConfig(**values)
+
+    code = 1
+    try:
+        # Warm-up: one transaction per gateway registers its 2000 beacons; repeat until the
+        # bridge has subscribed (earlier messages are dropped by the broker).
+        for attempt in range(30):
+            prefix = f"{run_id}-W{attempt}-"
+            run_simulation(config(prefix, messages=chunks * len(gateways)))
+            rows = wait_done(prefix, len(gateways), 60 if attempt else 10)
+            if rows and sum(r[0] == "complete" for r in rows) == len(gateways):
+                break
+        else:
+            raise RuntimeError("warm-up transactions did not complete")
+        log(f"warm; offering {tx_rate:g} transactions/s ({tx_rate * chunks:g} msgs/s) for {seconds:g} s")
+        prefix = f"{run_id}-L"
+        result = run_simulation(
+            config(prefix, rate=tx_rate * chunks, seconds=seconds, processes=2 if tx_rate * chunks > 1500 else 1)
+        )
+        log(result.summary_line())
+        sent_tx = -(-result.sent // chunks)
+        rows = wait_done(prefix, sent_tx, 120)
+        latencies = sorted(r[1] for r in rows if r[0] == "complete" and r[1] is not None)
+        statuses: dict[str, int] = {}
+        for r in rows:
+            statuses[r[0]] = statuses.get(r[0], 0) + 1
+        report = {
+            "offered_tx_per_s": tx_rate,
+            "achieved_msgs_per_s": round(result.achieved_rate, 1),
+            "transactions_sent": sent_tx,
+            "transactions": statuses,
+            "readings": sum(r[3] for r in rows),
+            "p50_last_chunk_to_complete_ms": round(percentile(latencies, 0.5), 1),
+            "p99_last_chunk_to_complete_ms": round(percentile(latencies, 0.99), 1),
+            "max_last_chunk_to_complete_ms": round(latencies[-1], 1) if latencies else None,
+            "worker_concurrency": int(concurrency),
+        }
+        print(json.dumps(report), flush=True)
+        code = 0 if statuses.get("complete") == sent_tx else 1
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(60)
+        stop_pipeline(pipeline)
+        nats.stop()
+        broker.stop()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
