@@ -6,6 +6,7 @@ import logging
 
 from celery import shared_task
 from django.conf import settings
+from django.core.cache import cache
 from django.db import connection
 from django_tenants.utils import get_tenant_model, schema_context
 
@@ -43,9 +44,14 @@ def reassemble_transaction(transaction_pk: int) -> str:
 def chunks_sweep_tenant(grace_seconds: float, unassembled_after_seconds: float) -> dict[str, int]:
     """Expire transactions past their TTL; enqueue again complete ones whose task was lost."""
     expired = transactions_expire(grace_seconds=grace_seconds)
-    stale = transactions_unassembled(older_than_seconds=unassembled_after_seconds)
-    for transaction_pk in stale:
-        reassemble_transaction.delay(transaction_pk)
+    schema = current_schema()
+    stale = []
+    for transaction_pk in transactions_unassembled(older_than_seconds=unassembled_after_seconds):
+        # Once per period per transaction: while the workers are behind, the queue already
+        # holds it, and adding it again every sweep would only lengthen the queue.
+        if cache.add(f"reassembly-requeued:{schema}:{transaction_pk}", 1, timeout=unassembled_after_seconds):
+            reassemble_transaction.delay(transaction_pk)
+            stale.append(transaction_pk)
     if stale:
         log.warning("re-enqueued %d complete transactions awaiting reassembly", len(stale))
     return {"expired": len(expired), "reenqueued": len(stale)}

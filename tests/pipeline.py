@@ -96,13 +96,16 @@ def pipeline_env(*, mqtt_url: str, nats_url: str, client_id: str) -> dict[str, s
     return env
 
 
-def wait_for(check: Callable[[], T], *, timeout: float = 20, interval: float = 0.1, what: str = "condition") -> T:
+def wait_for(
+    check: Callable[[], T], *, timeout: float = 20, interval: float = 0.1, what: str | Callable[[], str] = "condition"
+) -> T:
     """Poll until `check()` returns something truthy; fail after the timeout."""
     deadline = time.monotonic() + timeout
     last: T = check()
     while not last:
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+            described = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout}s waiting for {described} (last: {last!r})")
         time.sleep(interval)
         last = check()
     return last
@@ -156,12 +159,20 @@ class Pipeline:
     def start(self) -> Pipeline:
         self.ingest.start()
         self.start_bridge()
-        wait_for(lambda: "runingest started" in self.ingest.log(), what="runingest to start")
+        wait_for(
+            lambda: "runingest started" in self.ingest.log(),
+            timeout=60,
+            what=lambda: f"runingest to start: {self.ingest.log()}",
+        )
         return self
 
     def start_bridge(self) -> None:
         self.bridge.start()
-        wait_for(lambda: "mqtt subscribed" in self.bridge.log(), what=f"runbridge to subscribe: {self.bridge.log()}")
+        wait_for(
+            lambda: "mqtt subscribed" in self.bridge.log(),
+            timeout=60,
+            what=lambda: f"runbridge to subscribe: {self.bridge.log()}",
+        )
 
     def stop(self) -> None:
         codes = {}
@@ -220,12 +231,16 @@ class Celery:
     def start(self) -> Celery:
         self.start_worker()
         self.beat.start()
-        wait_for(lambda: "beat: Starting" in self.beat.log(), timeout=30, what=f"beat to start: {self.beat.log()}")
+        wait_for(
+            lambda: "beat: Starting" in self.beat.log(), timeout=90, what=lambda: f"beat to start: {self.beat.log()}"
+        )
         return self
 
     def start_worker(self) -> None:
         self.worker.start()
-        wait_for(lambda: " ready." in self.worker.log(), timeout=30, what=f"the worker to start: {self.worker.log()}")
+        wait_for(
+            lambda: " ready." in self.worker.log(), timeout=90, what=lambda: f"the worker to start: {self.worker.log()}"
+        )
 
     def stop(self) -> None:
         codes = {}

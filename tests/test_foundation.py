@@ -379,3 +379,11 @@ def test_it_prints_where_to_log_in(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "http://demo.localhost:8000/admin/" in out
     assert "Nothing to do" in out
+
+
+def test_it_exports_prometheus_metrics_and_health() -> None:
+    client = Client(HTTP_HOST="platform.unknown")
+    assert client.get("/healthz").json() == {"status": "ok"}
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert "python_info" in response.content.decode()

@@ -29,7 +29,7 @@ from django_tenants.utils import schema_context
 from nats.js.api import RawStreamMsg
 from pytest_django.fixtures import SettingsWrapper
 
-from argus.devservices import ServerHandle, start_nats
+from argus.devservices import ServerHandle, free_port, start_nats
 from devices import pki
 from devices.models import Device, DeviceCertificate, DeviceStatus, DeviceType
 from devices.services import api_key_create, api_key_revoke, certificate_issue, certificate_revoke
@@ -405,6 +405,38 @@ def test_it_answers_503_when_nats_is_down(device: Device, api_key: str, settings
         assert int(response["Retry-After"]) > 0
     finally:
         server.stop()
+        reset_publisher()
+
+
+def test_it_answers_503_quickly_while_nats_is_down_from_the_start_and_recovers(
+    device: Device, api_key: str, settings: SettingsWrapper
+) -> None:
+    port = free_port()
+    settings.NATS_URL = f"nats://127.0.0.1:{port}"
+    settings.ARGUS_HTTP_PUBLISH_TIMEOUT_SECONDS = 1.0
+    reset_publisher()
+    server = None
+    try:
+        # Each request is bounded by the publish timeout; none waits for an earlier connect attempt.
+        for _ in range(3):
+            started = time.monotonic()
+            response = post('{"values": {"temperature": 1}}', f"Api-Key {api_key}")
+            elapsed = time.monotonic() - started
+            assert_problem(response, 503)
+            assert int(response["Retry-After"]) > 0
+            assert elapsed < 2.5, f"503 took {elapsed:.1f}s"
+        server = start_nats(port)
+        started = time.monotonic()
+        response = post('{"msg_id": "after-outage", "values": {"temperature": 2}}', f"Api-Key {api_key}")
+        assert response.status_code == 202, response.content
+        assert time.monotonic() - started < 2.5
+        assert (
+            last_message(server.url, f"telemetry.alpha.{device.pk}").data
+            == b'{"msg_id": "after-outage", "values": {"temperature": 2}}'
+        )
+    finally:
+        if server is not None:
+            server.stop()
         reset_publisher()
 
 
