@@ -216,6 +216,10 @@ ARGUS_INGEST_BATCH_WAIT_SECONDS = env_float("ARGUS_INGEST_BATCH_WAIT_SECONDS", 0
 ARGUS_BRIDGE_CLIENT_ID = env("ARGUS_BRIDGE_CLIENT_ID", "argus-bridge-1")
 ARGUS_BRIDGE_SHARE_GROUP = env("ARGUS_BRIDGE_SHARE_GROUP", "")
 ARGUS_BRIDGE_MAX_INFLIGHT = env_int("ARGUS_BRIDGE_MAX_INFLIGHT", 4000)
+# Messages of one tenant travel to JetStream in envelopes of at most this many messages/bytes
+# (NATS refuses messages over its max_payload, 1 MB by default).
+ARGUS_BRIDGE_ENVELOPE_MESSAGES = env_int("ARGUS_BRIDGE_ENVELOPE_MESSAGES", 500)
+ARGUS_BRIDGE_ENVELOPE_BYTES = env_int("ARGUS_BRIDGE_ENVELOPE_BYTES", 512 * 1024)
 # MQTT protocol of the bridge's own connection: "3.1.1" (default, cheaper per message) or "5".
 ARGUS_BRIDGE_MQTT_PROTOCOL = env("ARGUS_BRIDGE_MQTT_PROTOCOL", "3.1.1")
 ARGUS_BRIDGE_SESSION_EXPIRY_SECONDS = env_int("ARGUS_BRIDGE_SESSION_EXPIRY_SECONDS", 7 * 24 * 3600)

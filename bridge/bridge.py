@@ -60,10 +60,10 @@ class Route:
 
 @dataclass(slots=True)
 class Pending:
-    """A message between its arrival over MQTT and its PubAck."""
+    """A JetStream publish (an envelope or a dead letter) between its MQTT messages' arrival and
+    its PubAck; `acks` are the (mid, qos) of the MQTT messages to acknowledge then."""
 
-    mid: int
-    qos: int
+    acks: list[tuple[int, int]]
     subject: str
     payload: bytes
     headers: dict[str, str]
@@ -156,7 +156,12 @@ class MqttBridge:
         self.max_payload = settings.ARGUS_MAX_PAYLOAD_BYTES
         self.routes = RouteCache()
         self._incoming: deque[mqtt.MQTTMessage] = deque()
+        # Publishes awaiting their PubAck (by message id), and how many MQTT messages they hold.
         self._inflight: dict[str, Pending] = {}
+        self._inflight_messages = 0
+        self._last_stamp = 0.0
+        self.envelope_messages = settings.ARGUS_BRIDGE_ENVELOPE_MESSAGES
+        self.envelope_bytes = settings.ARGUS_BRIDGE_ENVELOPE_BYTES
         self._draining = False
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
@@ -220,7 +225,7 @@ class MqttBridge:
     async def step(self) -> bool:
         """Route and publish what has arrived; retry failed publishes. False when idle."""
         await self._sweep()
-        room = min(self.batch, self.max_inflight - len(self._inflight))
+        room = min(self.batch, self.max_inflight - self._inflight_messages)
         if not self._incoming or room <= 0:
             # Idle, or the window is full: leaving messages unacknowledged makes the broker wait.
             await asyncio.sleep(0.002)
@@ -231,39 +236,67 @@ class MqttBridge:
         unknown = {logical_id for logical_id in map(_logical_id, batch) if not self.routes.get(logical_id)[0]}
         if unknown:
             await asyncio.to_thread(self.routes.load, sorted(unknown))
+        by_tenant: dict[str, list[tuple[mqtt.MQTTMessage, js_defs.EnvelopeRecord]]] = {}
         for message in batch:
-            await self._forward(message)
+            logical_id = _logical_id(message)
+            _, route = self.routes.get(logical_id)
+            received_ms = self._receive_stamp()
+            refusal = self._refusal(logical_id, message.payload, route)
+            if refusal is not None:
+                await self._dead_letter(message, logical_id, received_ms, *refusal)
+                continue
+            assert route is not None
+            record = js_defs.EnvelopeRecord(logical_id, js_defs.new_message_id(), received_ms, message.payload)
+            by_tenant.setdefault(route.schema, []).append((message, record))
+        for schema, items in by_tenant.items():
+            for envelope in _split(items, self.envelope_messages, self.envelope_bytes):
+                payload = js_defs.encode_envelope([record for _, record in envelope])
+                headers = {js_defs.H_MSG_ID: js_defs.new_message_id(), js_defs.H_ENVELOPE: str(len(envelope))}
+                acks = [(message.mid, message.qos) for message, _ in envelope]
+                await self._send(
+                    Pending(acks=acks, subject=js_defs.envelope_subject(schema), payload=payload, headers=headers)
+                )
         return True
 
-    async def _forward(self, message: mqtt.MQTTMessage) -> None:
-        logical_id = _logical_id(message)
-        payload = message.payload
-        received_ms = js_defs.now_ms()
-        _, route = self.routes.get(logical_id)
-        reason = None
+    def _receive_stamp(self) -> float:
+        """The receive time in epoch ms, strictly increasing: it is the reading time of messages
+        without `ts`, so two messages of one device must never share it."""
+        stamp = max(js_defs.now_ms(), self._last_stamp + 0.001)
+        self._last_stamp = stamp
+        return stamp
+
+    def _refusal(self, logical_id: str, payload: bytes, route: Route | None) -> tuple[str, str] | None:
+        """Why a message goes to the dead-letter stream instead of its tenant, or None."""
         if route is None:
-            reason = ("unknown_device", f"no device {logical_id!r} on this platform")
-        elif len(payload) > self.max_payload:
-            reason = ("oversized", f"payload of {len(payload)} bytes exceeds {self.max_payload}")
-        else:
-            try:
-                payload.decode("utf-8")
-            except UnicodeDecodeError:
-                reason = ("not_utf8", "payload is not valid UTF-8")
+            return "unknown_device", f"no device {logical_id!r} on this platform"
+        if len(payload) > self.max_payload:
+            return "oversized", f"payload of {len(payload)} bytes exceeds {self.max_payload}"
+        try:
+            payload.decode("utf-8")
+        except UnicodeDecodeError:
+            return "not_utf8", "payload is not valid UTF-8"
+        return None
+
+    async def _dead_letter(
+        self, message: mqtt.MQTTMessage, logical_id: str, received_ms: float, code: str, reason: str
+    ) -> None:
         headers = js_defs.telemetry_headers(logical_id=logical_id, received_ms=received_ms, transport="mqtt")
-        if reason is not None:
-            code, text = reason
-            headers[js_defs.H_REASON] = text
-            headers["Argus-Topic"] = message.topic
-            subject = js_defs.deadletter_subject(code)
-            DEAD_LETTERED.labels(code).inc()
-            log.warning("dead-letter code=%s device=%s bytes=%d", code, logical_id[:128], len(payload))
-        else:
-            assert route is not None
-            subject = js_defs.telemetry_subject(route.schema, route.device_id)
-        pending = Pending(mid=message.mid, qos=message.qos, subject=subject, payload=payload, headers=headers)
-        self._inflight[headers[js_defs.H_MSG_ID]] = pending
-        INFLIGHT.set(len(self._inflight))
+        headers[js_defs.H_REASON] = reason
+        headers["Argus-Topic"] = message.topic
+        DEAD_LETTERED.labels(code).inc()
+        log.warning("dead-letter code=%s device=%s bytes=%d", code, logical_id[:128], len(message.payload))
+        pending = Pending(
+            acks=[(message.mid, message.qos)],
+            subject=js_defs.deadletter_subject(code),
+            payload=message.payload,
+            headers=headers,
+        )
+        await self._send(pending)
+
+    async def _send(self, pending: Pending) -> None:
+        self._inflight[pending.headers[js_defs.H_MSG_ID]] = pending
+        self._inflight_messages += len(pending.acks)
+        INFLIGHT.set(self._inflight_messages)
         await self._publish(pending)
 
     async def _publish(self, pending: Pending) -> None:
@@ -291,10 +324,13 @@ class MqttBridge:
         key = pending.headers[js_defs.H_MSG_ID]
         if self._inflight.pop(key, None) is None:
             return
-        INFLIGHT.set(len(self._inflight))
-        if pending.qos > 0 and self._client is not None:
-            self._client.ack(pending.mid, pending.qos)
-        FORWARDED.inc()
+        self._inflight_messages -= len(pending.acks)
+        INFLIGHT.set(self._inflight_messages)
+        if self._client is not None:
+            for mid, qos in pending.acks:
+                if qos > 0:
+                    self._client.ack(mid, qos)
+        FORWARDED.inc(len(pending.acks))
 
     async def _sweep(self) -> None:
         """Once a second: publish again what failed or got no PubAck in time (same message id,
@@ -367,6 +403,22 @@ class MqttBridge:
 
     async def _nats_error(self, exc: Exception) -> None:
         log.warning("nats error: %s", exc)
+
+
+def _split(
+    items: list[tuple[mqtt.MQTTMessage, js_defs.EnvelopeRecord]], max_messages: int, max_bytes: int
+) -> list[list[tuple[mqtt.MQTTMessage, js_defs.EnvelopeRecord]]]:
+    """Cut one tenant's messages into envelopes of at most max_messages and about max_bytes."""
+    envelopes: list[list[tuple[mqtt.MQTTMessage, js_defs.EnvelopeRecord]]] = [[]]
+    size = 0
+    for item in items:
+        length = len(item[1].payload) + 64
+        if envelopes[-1] and (len(envelopes[-1]) >= max_messages or size + length > max_bytes):
+            envelopes.append([])
+            size = 0
+        envelopes[-1].append(item)
+        size += length
+    return envelopes
 
 
 def _logical_id(message: mqtt.MQTTMessage) -> str:

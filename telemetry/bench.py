@@ -455,6 +455,8 @@ class Bench:
             qos=1,
             msg_id_prefix=prefix,
             client_id_prefix=f"argus-bench-sim-{self.run_id}",
+            # The load generator should not be what limits the benchmark: see LeanMqttPublisher.
+            lean=os.environ.get("BENCH_LEAN_PUBLISHER", "1") == "1",
         )
         for key, value in overrides.items():
             setattr(config, key, value)

@@ -48,13 +48,13 @@ E2E_LATENCY = Histogram(
 )
 
 
-@dataclass(eq=False)  # identity: envelopes go in sets
-class Envelope:
-    """A fetched JetStream message with what its subject and headers say."""
+@dataclass(eq=False)  # identity: deliveries go in sets
+class Delivery:
+    """A fetched JetStream message: one device message, or an envelope of many, of one tenant."""
 
     msg: Msg
     schema: str
-    incoming: IncomingMessage
+    messages: list[IncomingMessage]
     deliveries: int
 
 
@@ -160,36 +160,38 @@ class IngestConsumer:
         started = time.perf_counter()
         outcome = StepOutcome(fetched=len(msgs))
         BATCH_SIZE.observe(len(msgs))
-        by_schema: dict[str, list[Envelope]] = defaultdict(list)
+        by_schema: dict[str, list[Delivery]] = defaultdict(list)
         for msg in msgs:
-            envelope, problem = self._open(msg)
-            if envelope is None:
+            delivery, problem = self._open(msg)
+            if delivery is None:
                 await self._dead_letter(msg, "malformed_envelope", problem)
                 outcome.dead_lettered += 1
-            elif envelope.deliveries > self.max_deliver:
+            elif delivery.deliveries > self.max_deliver:
                 await self._dead_letter(msg, "max_deliveries", f"failed {self.max_deliver} deliveries")
                 outcome.dead_lettered += 1
             else:
-                by_schema[envelope.schema].append(envelope)
+                by_schema[delivery.schema].append(delivery)
 
         loop = asyncio.get_running_loop()
         stored, failed, unknown = await loop.run_in_executor(self._db, self._store, dict(by_schema))
         for schema, result in stored.items():
             outcome.results[schema] = result
-        for envelope in unknown:
-            await self._dead_letter(envelope.msg, "unknown_tenant", f"no tenant schema {envelope.schema!r}")
+        for delivery in unknown:
+            await self._dead_letter(delivery.msg, "unknown_tenant", f"no tenant schema {delivery.schema!r}")
             outcome.dead_lettered += 1
-        committed = [e for schema in stored for e in by_schema[schema] if e not in failed]
-        for envelope in committed:
-            await envelope.msg.ack()
+        committed = [d for schema in stored for d in by_schema[schema] if d not in failed]
+        for delivery in committed:
+            await delivery.msg.ack()
         outcome.acked = len(committed)
-        for envelope in failed:
-            # Back off so a transient fault (database restart) is not hammered.
-            await envelope.msg.nak(delay=min(2.0**envelope.deliveries, 30.0))
+        for delivery in failed:
+            # Back off so a transient fault (database restart) is not hammered. What of an
+            # envelope was stored already is absorbed as duplicates on redelivery.
+            await delivery.msg.nak(delay=min(2.0**delivery.deliveries, 30.0))
         outcome.retried = len(failed)
         now = time.time()
-        for envelope in committed:
-            E2E_LATENCY.observe(max(0.0, now - envelope.incoming.received_at.timestamp()))
+        for delivery in committed:
+            for message in delivery.messages:
+                E2E_LATENCY.observe(max(0.0, now - message.received_at.timestamp()))
         for schema, result in stored.items():
             MESSAGES.labels("accepted").inc(result.accepted)
             MESSAGES.labels("rejected").inc(result.rejected)
@@ -205,39 +207,40 @@ class IngestConsumer:
     # -- database thread --
 
     def _store(
-        self, by_schema: dict[str, list[Envelope]]
-    ) -> tuple[dict[str, BatchResult], set[Envelope], list[Envelope]]:
+        self, by_schema: dict[str, list[Delivery]]
+    ) -> tuple[dict[str, BatchResult], set[Delivery], list[Delivery]]:
         """Store each tenant's messages in its own transaction (runs on the database thread)."""
         close_old_connections()
         stored: dict[str, BatchResult] = {}
-        failed: set[Envelope] = set()
-        unknown: list[Envelope] = []
-        for schema, envelopes in by_schema.items():
+        failed: set[Delivery] = set()
+        unknown: list[Delivery] = []
+        for schema, deliveries in by_schema.items():
             if not self._schema_exists(schema):
-                unknown.extend(envelopes)
+                unknown.extend(deliveries)
                 continue
             with schema_context(schema):
                 try:
-                    stored[schema] = ingest_batch(messages=[e.incoming for e in envelopes], profiles=self.profiles)
+                    messages = [m for d in deliveries for m in d.messages]
+                    stored[schema] = ingest_batch(messages=messages, profiles=self.profiles)
                     continue
                 except Exception:
-                    log.exception("batch failed schema=%s messages=%d; retrying one by one", schema, len(envelopes))
+                    log.exception("batch failed schema=%s messages=%d; retrying one by one", schema, len(messages))
                     close_old_connections()
                 total = BatchResult()
-                for envelope in envelopes:
-                    try:
-                        result = ingest_batch(messages=[envelope.incoming], profiles=self.profiles)
-                    except Exception:
-                        log.exception(
-                            "message failed schema=%s device=%s key=%s delivery=%d",
-                            schema,
-                            envelope.incoming.logical_id,
-                            envelope.incoming.key,
-                            envelope.deliveries,
-                        )
-                        failed.add(envelope)
-                        continue
-                    _merge(total, result)
+                for delivery in deliveries:
+                    for message in delivery.messages:
+                        try:
+                            _merge(total, ingest_batch(messages=[message], profiles=self.profiles))
+                        except Exception:
+                            log.exception(
+                                "message failed schema=%s device=%s key=%s delivery=%d",
+                                schema,
+                                message.logical_id,
+                                message.key,
+                                delivery.deliveries,
+                            )
+                            close_old_connections()
+                            failed.add(delivery)
                 stored[schema] = total
         return stored, failed, unknown
 
@@ -252,25 +255,41 @@ class IngestConsumer:
 
     # -- helpers --
 
-    def _open(self, msg: Msg) -> tuple[Envelope | None, str]:
+    def _open(self, msg: Msg) -> tuple[Delivery | None, str]:
         parts = msg.subject.split(".")
         headers = msg.headers or {}
         if len(parts) != 3 or parts[0] != "telemetry":
             return None, f"unexpected subject {msg.subject!r}"
+        deliveries = msg.metadata.num_delivered
+        if js_defs.H_ENVELOPE in headers:
+            try:
+                records = js_defs.decode_envelope(msg.data)
+            except (ValueError, UnicodeDecodeError) as exc:
+                return None, f"bad envelope: {exc}"
+            messages = [
+                IncomingMessage(
+                    key=r.key,
+                    logical_id=r.logical_id,
+                    received_at=datetime.fromtimestamp(r.received_ms / 1000, tz=UTC),
+                    payload=r.payload,
+                )
+                for r in records
+            ]
+            return Delivery(msg=msg, schema=parts[1], messages=messages, deliveries=deliveries), ""
         try:
             received_ms = float(headers[js_defs.H_RECEIVED])
             logical_id = headers[js_defs.H_DEVICE]
             key = headers[js_defs.H_MSG_ID]
         except (KeyError, ValueError) as exc:
             return None, f"missing or bad header: {exc}"
-        incoming = IncomingMessage(
+        message = IncomingMessage(
             key=key,
             logical_id=logical_id,
             received_at=datetime.fromtimestamp(received_ms / 1000, tz=UTC),
             payload=msg.data,
             transport=headers.get(js_defs.H_TRANSPORT, "mqtt"),
         )
-        return Envelope(msg=msg, schema=parts[1], incoming=incoming, deliveries=msg.metadata.num_delivered), ""
+        return Delivery(msg=msg, schema=parts[1], messages=[message], deliveries=deliveries), ""
 
     async def _dead_letter(self, msg: Msg, code: str, reason: str) -> None:
         assert self._js is not None

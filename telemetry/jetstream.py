@@ -15,8 +15,12 @@ shipped `docker/nats/nats.conf` sets `sync_interval: 1s` to bound that window; s
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
+import logging
+import math
 import os
+import struct
 import threading
 import time
 from collections.abc import Coroutine
@@ -24,7 +28,9 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import nats
+import nats.errors
 from django.conf import settings
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -38,6 +44,8 @@ from nats.js.errors import BadRequestError
 
 T = TypeVar("T")
 
+log = logging.getLogger(__name__)
+
 TELEMETRY_STREAM = "TELEMETRY"
 DEADLETTER_STREAM = "DEADLETTER"
 INGEST_CONSUMER = "ingest"
@@ -49,6 +57,61 @@ H_RECEIVED = "Argus-Received-Ms"
 H_TRANSPORT = "Argus-Transport"
 H_REASON = "Argus-Reason"
 H_TENANT = "Argus-Tenant"
+H_ENVELOPE = "Argus-Envelope"
+
+# An envelope carries many device messages of one tenant in one JetStream message (see
+# `encode_envelope`): the bridge sends them, the consumer opens them. Per the prototype's
+# measurements this lifts the chain's ceiling and cuts NATS and consumer CPU several times.
+ENVELOPE_VERSION = b"AE1"
+_RECORD = struct.Struct("!HHdI")
+
+
+@dataclass(frozen=True, slots=True)
+class EnvelopeRecord:
+    """One device message inside an envelope."""
+
+    logical_id: str
+    key: str  # the message's own id (what Nats-Msg-Id is for a single message)
+    received_ms: float
+    payload: bytes
+
+
+def encode_envelope(records: list[EnvelopeRecord]) -> bytes:
+    """Pack messages: version, then per message a fixed header and its id, key and exact bytes."""
+    parts = [ENVELOPE_VERSION]
+    for record in records:
+        logical_id = record.logical_id.encode()
+        key = record.key.encode()
+        parts.append(_RECORD.pack(len(logical_id), len(key), record.received_ms, len(record.payload)))
+        parts += (logical_id, key, record.payload)
+    return b"".join(parts)
+
+
+def decode_envelope(data: bytes) -> list[EnvelopeRecord]:
+    """The messages of an envelope; ValueError when it is not one."""
+    if not data.startswith(ENVELOPE_VERSION):
+        raise ValueError("not an Argus envelope (version marker missing)")
+    records = []
+    view = memoryview(data)
+    offset = len(ENVELOPE_VERSION)
+    while offset < len(data):
+        if offset + _RECORD.size > len(data):
+            raise ValueError("truncated envelope record header")
+        id_len, key_len, received_ms, payload_len = _RECORD.unpack_from(data, offset)
+        offset += _RECORD.size
+        end = offset + id_len + key_len + payload_len
+        if end > len(data):
+            raise ValueError("truncated envelope record")
+        logical_id = bytes(view[offset : offset + id_len]).decode()
+        key = bytes(view[offset + id_len : offset + id_len + key_len]).decode()
+        records.append(EnvelopeRecord(logical_id, key, received_ms, bytes(view[offset + id_len + key_len : end])))
+        offset = end
+    return records
+
+
+def envelope_subject(schema: str) -> str:
+    """`telemetry.<tenant schema>.envelope`: many devices of one tenant."""
+    return f"telemetry.{schema}.envelope"
 
 
 @dataclass(frozen=True)
@@ -168,34 +231,147 @@ async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
 
 class SyncPublisher:
     """A JetStream publisher for synchronous code (HTTP views): one event loop in a daemon
-    thread owns the NATS connection; `publish` waits for the PubAck."""
+    thread owns the NATS connection; `publish` waits for the PubAck.
+
+    Every call is bounded by its timeout, whatever state NATS is in: the first connect is
+    cancelled when the timeout runs out (nats-py would otherwise retry it forever), one connect
+    attempt runs at a time and concurrent callers share it, and a connection that nats-py gave up
+    reconnecting is replaced on the next call. So while NATS is down a request fails (503) within
+    about the timeout, and the first request after NATS is back connects again.
+    """
+
+    # After a connection was up, nats-py retries this many times, this far apart, before it
+    # closes the connection; the next publish then connects afresh. Keeping it short matters
+    # more than riding out a long outage here: each HTTP request waits at most its timeout anyway.
+    reconnect_attempts = 2
+    reconnect_wait_s = 0.5
 
     def __init__(self, url: str | None = None) -> None:
         self.url = url or settings.NATS_URL
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="jetstream-publisher", daemon=True)
         self._thread.start()
+        self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
+        self._connecting: concurrent.futures.Future[tuple[NATS, JetStreamContext]] | None = None
+        self._closed = False
+        # Guards the fields above; never held while waiting on NATS.
         self._lock = threading.Lock()
 
     def _run(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            # Leave nothing running in the loop after the caller has given up.
+            future.cancel()
+            raise
 
-    def _connect(self, timeout: float) -> JetStreamContext:
+    async def _open(self, timeout: float) -> tuple[NATS, JetStreamContext]:
+        """Connect and declare the streams, all within `timeout`; close what was opened on failure."""
+        nc = NATS()
+
+        async def connect() -> JetStreamContext:
+            await nc.connect(
+                self.url,
+                connect_timeout=max(1, math.ceil(timeout)),
+                reconnect_time_wait=self.reconnect_wait_s,  # type: ignore[arg-type]  # nats-py annotates int, takes float
+                max_reconnect_attempts=self.reconnect_attempts,
+                error_cb=self._nats_error,
+            )
+            js = nc.jetstream()
+            await ensure_streams(js)
+            return js
+
+        try:
+            return nc, await asyncio.wait_for(connect(), timeout)
+        except BaseException:
+            await nc.close()
+            raise
+
+    async def _nats_error(self, exc: Exception) -> None:
+        log.debug("nats error url=%s: %r", self.url, exc)
+
+    def _jetstream(self, timeout: float) -> JetStreamContext:
+        """The connected JetStream context; connects (or waits for the connect in progress) if needed."""
         with self._lock:
-            if self._js is None:
+            if self._closed:
+                raise nats.errors.ConnectionClosedError
+            if self._nc is not None and self._nc.is_closed:
+                # nats-py ran out of reconnect attempts: start over.
+                self._nc = self._js = None
+            if self._js is not None:
+                return self._js
+            if self._connecting is None:
+                self._connecting = asyncio.run_coroutine_threadsafe(self._open(timeout), self._loop)
+                self._connecting.add_done_callback(self._connected)
+            connecting = self._connecting
+        # Shared by every caller, so not cancelled when one of them gives up; _open bounds it.
+        try:
+            return connecting.result(timeout)[1]
+        except concurrent.futures.CancelledError:
+            raise nats.errors.ConnectionClosedError from None  # close() ran meanwhile
 
-                async def connect() -> JetStreamContext:
-                    nc = await nats.connect(self.url, connect_timeout=timeout, max_reconnect_attempts=-1)
-                    js = nc.jetstream()
-                    await ensure_streams(js)
-                    return js
-
-                self._js = self._run(connect(), timeout * 2)
-            return self._js
+    def _connected(self, future: concurrent.futures.Future[tuple[NATS, JetStreamContext]]) -> None:
+        with self._lock:
+            self._connecting = None
+            if future.cancelled():
+                return
+            exc = future.exception()
+            if exc is not None:
+                log.warning("cannot connect to NATS at %s: %r", self.url, exc)
+                return
+            nc, js = future.result()
+            if not self._closed:
+                self._nc, self._js = nc, js
+                return
+        # close() ran while this connect was finishing.
+        asyncio.run_coroutine_threadsafe(nc.close(), self._loop)
 
     def publish(self, subject: str, payload: bytes, headers: dict[str, str], timeout: float = 5.0) -> int:
-        """Publish and wait for the PubAck; returns the stream sequence. Raises on failure."""
-        js = self._connect(timeout)
-        ack = self._run(js.publish(subject, payload, headers=headers, timeout=timeout), timeout + 1)
+        """Publish and wait for the PubAck; returns the stream sequence.
+
+        Raises nats.errors.Error, TimeoutError or OSError when NATS cannot be reached or does not
+        acknowledge; the call takes at most about `timeout` seconds in every case.
+        """
+        started = time.monotonic()
+        js = self._jetstream(timeout)
+        remaining = max(0.1, timeout - (time.monotonic() - started))
+        ack = self._run(js.publish(subject, payload, headers=headers, timeout=remaining), remaining + 0.5)
         return int(ack.seq)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Close the connection and stop the event loop thread; publish raises afterwards."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            connecting = self._connecting
+        if connecting is not None:
+            connecting.cancel()
+        try:
+            self._run(self._shutdown(), timeout)
+        except TimeoutError:
+            log.warning("closing the NATS connection to %s took over %.0f s; abandoning it", self.url, timeout)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout)
+            if not self._thread.is_alive():
+                self._loop.close()
+
+    async def _shutdown(self) -> None:
+        """Close the connection (a cancelled connect closes its own), then end every task left."""
+        with self._lock:
+            nc, self._nc, self._js = self._nc, None, None
+        try:
+            if nc is not None and not nc.is_closed:
+                await nc.close()
+        except (nats.errors.Error, OSError) as exc:
+            # Closing while nats-py is reconnecting fails on the flush of the dead socket.
+            log.info("closing the NATS connection to %s: %r", self.url, exc)
+        finally:
+            current = asyncio.current_task()
+            leftovers = [task for task in asyncio.all_tasks() if task is not current]
+            for task in leftovers:
+                task.cancel()
+            await asyncio.gather(*leftovers, return_exceptions=True)

@@ -41,7 +41,12 @@ class TelemetryRaw(models.Model):
         db_table = "telemetry_raw"
         indexes = [
             models.Index(fields=["device", "-received_at"], name="telemetry_raw_device_recv_idx"),
-            models.Index(fields=["status", "-received_at"], name="telemetry_raw_status_recv_idx"),
+            # Accepted rows are the bulk and are found by device; only the others by status.
+            models.Index(
+                fields=["status", "-received_at"],
+                name="telemetry_raw_status_recv_idx",
+                condition=~Q(status="accepted"),
+            ),
         ]
 
     def __str__(self) -> str:

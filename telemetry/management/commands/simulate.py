@@ -39,6 +39,11 @@ class Command(BaseCommand):
         parser.add_argument("--messages", type=int, default=None, help="Stop after this many messages in total.")
         parser.add_argument("--processes", type=int, default=1, help="Worker processes (each its own connections).")
         parser.add_argument("--qos", type=int, choices=(0, 1), default=1)
+        parser.add_argument(
+            "--lean",
+            action="store_true",
+            help="mqtt: a minimal hand-rolled publisher, far cheaper than paho (load tests).",
+        )
         parser.add_argument("--children", type=int, default=50, help="gateway: children per message.")
         parser.add_argument("--beacons", type=int, default=2000, help="gateway_chunked: children per report.")
         parser.add_argument("--chunk-size", type=int, default=30, help="gateway_chunked: children per chunk.")
@@ -84,6 +89,7 @@ class Command(BaseCommand):
             messages=options["messages"],
             processes=options["processes"],
             qos=options["qos"],
+            lean=options["lean"],
             children=options["children"],
             beacons=options["beacons"],
             chunk_size=options["chunk_size"],
