@@ -146,9 +146,17 @@ class Pipeline:
     """runbridge + runingest against the private servers."""
 
     def __init__(
-        self, broker: ServerHandle, nats_server: ServerHandle, log_dir: Path, extra_env: dict[str, str] | None = None
+        self,
+        broker: ServerHandle,
+        nats_server: ServerHandle,
+        log_dir: Path,
+        extra_env: dict[str, str] | None = None,
+        *,
+        mqtt_url: str | None = None,
     ) -> None:
-        self.mqtt_url = f"mqtt://127.0.0.1:{broker.port}"
+        # mqtt_url: another listener of the broker, e.g. its mTLS one (mqtts://, with the
+        # bridge's ARGUS_BRIDGE_CERT/KEY/CA in extra_env).
+        self.mqtt_url = mqtt_url or f"mqtt://127.0.0.1:{broker.port}"
         self.nats_url = nats_server.url
         env = pipeline_env(mqtt_url=self.mqtt_url, nats_url=self.nats_url, client_id=f"bridge-{uuid.uuid4().hex[:8]}")
         env.update(extra_env or {})

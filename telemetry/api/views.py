@@ -50,16 +50,22 @@ def publisher() -> SyncPublisher:
     """The process's JetStream publisher, connected on first use to settings.NATS_URL."""
     global _publisher
     with _publisher_lock:
-        if _publisher is None or _publisher.url != settings.NATS_URL:
-            _publisher = SyncPublisher(settings.NATS_URL)
-        return _publisher
+        old = _publisher
+        if old is not None and old.url == settings.NATS_URL:
+            return old
+        _publisher = current = SyncPublisher(settings.NATS_URL)
+    if old is not None:
+        old.close()
+    return current
 
 
 def reset_publisher() -> None:
-    """Forget the publisher, so the next request connects afresh (tests point it elsewhere)."""
+    """Close and forget the publisher, so the next request connects afresh (tests point it elsewhere)."""
     global _publisher
     with _publisher_lock:
-        _publisher = None
+        old, _publisher = _publisher, None
+    if old is not None:
+        old.close()
 
 
 class InvalidMessage(exceptions.APIException):
