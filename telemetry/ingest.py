@@ -399,28 +399,26 @@ def write_readings(
                 seen[device_id] = time
         if not seen:
             return
-        device_ids = list(seen)
-        times = [seen[d] for d in device_ids]
-        # A row is rewritten only when its time moved on by more than the resolution: under load
-        # most devices are heard from every batch, and rewriting each row every time would cost
-        # more than the readings themselves.
+        # Rows are rewritten only when their time moved on by more than the resolution: under
+        # load most devices are heard from every batch, and rewriting each row every time would
+        # cost more than the readings themselves. Devices are grouped by time slot (one
+        # statement per slot, with a plain id array: binding thousands of timestamps is slow).
         resolution = float(settings.ARGUS_LAST_SEEN_RESOLUTION_SECONDS)
-        cursor.execute(
-            """
-            UPDATE devices d SET last_seen = v.t
-            FROM unnest(%s::bigint[], %s::timestamptz[]) AS v(id, t)
-            WHERE d.id = v.id AND (d.last_seen IS NULL OR d.last_seen < v.t - make_interval(secs => %s))
-            """,
-            [device_ids, times, resolution],
-        )
-        cursor.execute(
-            """
-            UPDATE assets a SET last_telemetry_at = v.t
-            FROM (SELECT ad.asset_id, max(v.t) AS t
-                  FROM unnest(%s::bigint[], %s::timestamptz[]) AS v(id, t)
-                  JOIN asset_devices ad ON ad.device_id = v.id GROUP BY ad.asset_id) AS v
-            WHERE a.id = v.asset_id
-              AND (a.last_telemetry_at IS NULL OR a.last_telemetry_at < v.t - make_interval(secs => %s))
-            """,
-            [device_ids, times, resolution],
-        )
+        slots: dict[int, tuple[datetime, list[int]]] = {}
+        for device_id, heard in seen.items():
+            slot = int(heard.timestamp() // resolution) if resolution > 0 else 0
+            slot_time, ids = slots.get(slot, (heard, []))
+            ids.append(device_id)
+            slots[slot] = (max(slot_time, heard), ids)
+        for heard, ids in slots.values():
+            cursor.execute(
+                "UPDATE devices SET last_seen = %s WHERE id = ANY(%s) "
+                "AND (last_seen IS NULL OR last_seen < %s - make_interval(secs => %s))",
+                [heard, ids, heard, resolution],
+            )
+            cursor.execute(
+                "UPDATE assets SET last_telemetry_at = %s "
+                "WHERE id IN (SELECT asset_id FROM asset_devices WHERE device_id = ANY(%s)) "
+                "AND (last_telemetry_at IS NULL OR last_telemetry_at < %s - make_interval(secs => %s))",
+                [heard, ids, heard, resolution],
+            )
