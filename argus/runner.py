@@ -10,8 +10,11 @@ import asyncio
 import logging
 import signal
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from prometheus_client import start_http_server
+
+from telemetry.profiles import Invalidatable, InvalidationListener
 
 log = logging.getLogger(__name__)
 
@@ -41,3 +44,25 @@ async def run_until_stopped(
     finally:
         await close()
         log.info("%s stopped after %d busy steps", name, steps)
+
+
+class Worker(Protocol):
+    """A long-running process's work: connect, do one step (True if there was work), close."""
+
+    async def start(self) -> None: ...
+
+    async def step(self) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+def run_worker(name: str, worker: Worker, *, cache: Invalidatable, metrics_port: int) -> None:
+    """Run a worker until SIGTERM/SIGINT, its cache kept fresh by profile invalidations."""
+    listener = InvalidationListener(cache)
+    listener.start()
+    try:
+        asyncio.run(
+            run_until_stopped(name, start=worker.start, step=worker.step, close=worker.close, metrics_port=metrics_port)
+        )
+    finally:
+        listener.stop()

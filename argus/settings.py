@@ -36,7 +36,8 @@ def env(name: str, default: str = "") -> str:
     file_path = os.environ.get(f"{name}_FILE")
     if file_path:
         return Path(file_path).read_text().strip()
-    return os.environ.get(name, default)
+    # An empty value (`NAME=` in .env) means "use the default".
+    return os.environ.get(name) or default
 
 
 def env_bool(name: str, default: bool = False) -> bool:
@@ -221,6 +222,7 @@ ARGUS_BRIDGE_MAX_INFLIGHT = env_int("ARGUS_BRIDGE_MAX_INFLIGHT", 4000)
 ARGUS_BRIDGE_ENVELOPE_MESSAGES = env_int("ARGUS_BRIDGE_ENVELOPE_MESSAGES", 500)
 ARGUS_BRIDGE_ENVELOPE_BYTES = env_int("ARGUS_BRIDGE_ENVELOPE_BYTES", 512 * 1024)
 # MQTT protocol of the bridge's own connection: "3.1.1" (default, cheaper per message) or "5".
+ARGUS_BRIDGE_ROUTE_TTL_SECONDS = env_float("ARGUS_BRIDGE_ROUTE_TTL_SECONDS", 60.0)
 ARGUS_BRIDGE_MQTT_PROTOCOL = env("ARGUS_BRIDGE_MQTT_PROTOCOL", "3.1.1")
 ARGUS_BRIDGE_SESSION_EXPIRY_SECONDS = env_int("ARGUS_BRIDGE_SESSION_EXPIRY_SECONDS", 7 * 24 * 3600)
 # mTLS client credential of the bridge when MQTT_URL is mqtts:// (files from `pki issue-client`).

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import random
 import ssl
 import time
 from collections import deque
@@ -76,10 +77,11 @@ class Pending:
 class RouteCache:
     """logical id → Route, from the public registry; unknown ids are remembered briefly."""
 
-    ttl = 60.0
     missing_ttl = 5.0
 
     def __init__(self) -> None:
+        # Invalidation over Redis keeps routes fresh; the TTL bounds staleness should one be missed.
+        self.ttl = settings.ARGUS_BRIDGE_ROUTE_TTL_SECONDS
         self._routes: dict[str, tuple[float, Route | None]] = {}
 
     def get(self, logical_id: str) -> tuple[bool, Route | None]:
@@ -90,8 +92,9 @@ class RouteCache:
             return True, entry[1]
         return False, None
 
-    def load(self, logical_ids: list[str] | None = None) -> None:
-        """Read routes from the registry (all of them, or the ids given). Database thread only."""
+    def load(self, logical_ids: list[str] | None = None) -> dict[str, Route | None]:
+        """Read routes from the registry (all of them, or the ids given) and return them.
+        Database thread only."""
         close_old_connections()
         use_public_schema()
         query = (
@@ -107,12 +110,16 @@ class RouteCache:
             cursor.execute(query, params)
             rows = cursor.fetchall()
         now = time.monotonic()
-        found = {row[0] for row in rows}
+        loaded: dict[str, Route | None] = {}
         for logical_id, schema, device_id in rows:
-            self._routes[logical_id] = (now + self.ttl, Route(schema=schema, device_id=device_id))
+            loaded[logical_id] = Route(schema=schema, device_id=device_id)
+            # Spread expiry so a fleet loaded at once is not reloaded all in one batch.
+            self._routes[logical_id] = (now + self.ttl * random.uniform(0.75, 1.0), loaded[logical_id])  # noqa: S311
         for logical_id in logical_ids or []:
-            if logical_id not in found:
+            if logical_id not in loaded:
+                loaded[logical_id] = None
                 self._routes[logical_id] = (now + self.missing_ttl, None)
+        return loaded
 
     def forget(self, logical_id: str) -> None:
         """Drop one route (its device changed)."""
@@ -160,6 +167,8 @@ class MqttBridge:
         self._inflight: dict[str, Pending] = {}
         self._inflight_messages = 0
         self._last_stamp = 0.0
+        self._last_summary = time.monotonic()
+        self._forwarded_since_summary = 0
         self.envelope_messages = settings.ARGUS_BRIDGE_ENVELOPE_MESSAGES
         self.envelope_bytes = settings.ARGUS_BRIDGE_ENVELOPE_BYTES
         self._draining = False
@@ -233,13 +242,22 @@ class MqttBridge:
         batch: list[mqtt.MQTTMessage] = []
         while self._incoming and len(batch) < room:
             batch.append(self._incoming.popleft())
-        unknown = {logical_id for logical_id in map(_logical_id, batch) if not self.routes.get(logical_id)[0]}
-        if unknown:
-            await asyncio.to_thread(self.routes.load, sorted(unknown))
+        # Resolve every route of the batch once: an entry must not expire between the check and
+        # its use (it did, and valid devices were dead-lettered, when a batch straddled a TTL).
+        routes: dict[str, Route | None] = {}
+        missing = []
+        for logical_id in map(_logical_id, batch):
+            cached, route = self.routes.get(logical_id)
+            if cached:
+                routes[logical_id] = route
+            else:
+                missing.append(logical_id)
+        if missing:
+            routes.update(await asyncio.to_thread(self.routes.load, sorted(set(missing))))
         by_tenant: dict[str, list[tuple[mqtt.MQTTMessage, js_defs.EnvelopeRecord]]] = {}
         for message in batch:
             logical_id = _logical_id(message)
-            _, route = self.routes.get(logical_id)
+            route = routes[logical_id]
             received_ms = self._receive_stamp()
             refusal = self._refusal(logical_id, message.payload, route)
             if refusal is not None:
@@ -331,6 +349,7 @@ class MqttBridge:
                 if qos > 0:
                     self._client.ack(mid, qos)
         FORWARDED.inc(len(pending.acks))
+        self._forwarded_since_summary += len(pending.acks)
 
     async def _sweep(self) -> None:
         """Once a second: publish again what failed or got no PubAck in time (same message id,
@@ -339,6 +358,16 @@ class MqttBridge:
         if now - self._last_sweep < 1.0:
             return
         self._last_sweep = now
+        if now - self._last_summary >= 30:
+            # One line per half minute with what was done since the last one.
+            self._last_summary = now
+            log.info(
+                "bridge progress forwarded=%d inflight=%d queued=%d",
+                self._forwarded_since_summary,
+                self._inflight_messages,
+                len(self._incoming),
+            )
+            self._forwarded_since_summary = 0
         for pending in list(self._inflight.values()):
             if pending.failed or now - pending.sent_at > self.publish_timeout:
                 if pending.future is not None and not pending.future.done():

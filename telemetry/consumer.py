@@ -10,6 +10,7 @@ keeps failing is dead-lettered after `ARGUS_INGEST_MAX_DELIVER` deliveries.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections import defaultdict
@@ -95,6 +96,9 @@ class IngestConsumer:
         self._known_schemas: dict[str, float] = {}
         self._prefetch: asyncio.Future[list[Msg]] | None = None
         self._closing = False
+        self._per_delivery = 1.0
+        self._totals: collections.Counter[str] = collections.Counter()
+        self._last_summary = time.monotonic()
         self._last_lag_check = 0.0
 
     async def start(self) -> None:
@@ -110,7 +114,10 @@ class IngestConsumer:
         self._js = self._nc.jetstream()
         await js_defs.ensure_streams(self._js)
         self._sub = await self._js.pull_subscribe_bind(
-            durable=js_defs.INGEST_CONSUMER, stream=js_defs.TELEMETRY_STREAM, pending_msgs_limit=4 * self.batch_size
+            durable=js_defs.INGEST_CONSUMER,
+            stream=js_defs.TELEMETRY_STREAM,
+            pending_msgs_limit=2 * self.batch_size,
+            pending_bytes_limit=64 * 1024 * 1024,
         )
 
     async def close(self) -> None:
@@ -152,8 +159,13 @@ class IngestConsumer:
         assert self._sub is not None
         # Our own deadline too: some nats-server versions end a pull without its status.
         return await asyncio.wait_for(
-            self._sub.fetch(self.batch_size, timeout=max(self.batch_wait, 0.05)), timeout=self.batch_wait + 2
+            self._sub.fetch(self._fetch_count(), timeout=max(self.batch_wait, 0.05)), timeout=self.batch_wait + 2
         )
+
+    def _fetch_count(self) -> int:
+        """JetStream messages to ask for so that a batch holds about `batch_size` device messages:
+        an envelope from the bridge carries hundreds, an HTTP message one."""
+        return max(1, min(self.batch_size, round(self.batch_size / self._per_delivery)))
 
     async def handle(self, msgs: list[Msg]) -> StepOutcome:
         """Store a fetched batch and settle every message in it (ack, nak or dead-letter)."""
@@ -171,6 +183,8 @@ class IngestConsumer:
                 outcome.dead_lettered += 1
             else:
                 by_schema[delivery.schema].append(delivery)
+                # Moving average of device messages per JetStream message, for the next fetch.
+                self._per_delivery = 0.9 * self._per_delivery + 0.1 * len(delivery.messages)
 
         loop = asyncio.get_running_loop()
         stored, failed, unknown = await loop.run_in_executor(self._db, self._store, dict(by_schema))
@@ -193,12 +207,20 @@ class IngestConsumer:
             for message in delivery.messages:
                 E2E_LATENCY.observe(max(0.0, now - message.received_at.timestamp()))
         for schema, result in stored.items():
+            self._totals.update(
+                accepted=result.accepted,
+                rejected=result.rejected,
+                duplicates=result.duplicates,
+                chunks=result.chunks,
+                readings=result.readings,
+            )
             MESSAGES.labels("accepted").inc(result.accepted)
             MESSAGES.labels("rejected").inc(result.rejected)
             MESSAGES.labels("duplicate").inc(result.duplicates)
             READINGS.inc(result.readings)
             if self.after_commit is not None:
                 self.after_commit(schema, result)
+        self._totals.update(batches=1, dead_lettered=outcome.dead_lettered, retried=outcome.retried)
         MESSAGES.labels("dead_lettered").inc(outcome.dead_lettered)
         MESSAGES.labels("retried").inc(outcome.retried)
         BATCH_SECONDS.observe(time.perf_counter() - started)
@@ -314,6 +336,13 @@ class IngestConsumer:
             LAG.set(info.num_pending or 0)
         except Exception:
             log.exception("could not read consumer info")
+            return
+        if time.monotonic() - self._last_summary >= 30 and self._totals:
+            # One line per half minute with what was done since the last one.
+            self._last_summary = time.monotonic()
+            counts = " ".join(f"{k}={v}" for k, v in sorted(self._totals.items()))
+            log.info("ingest progress %s pending=%s", counts, info.num_pending)
+            self._totals.clear()
 
 
 def _merge(total: BatchResult, result: BatchResult) -> None:

@@ -216,10 +216,12 @@ async def ensure_streams(js: JetStreamContext, limits: StreamSettings | None = N
         max_waiting=512,
     )
     try:
+        # Creating an existing durable consumer updates its editable settings (ack wait, max
+        # deliveries, max ack pending) on the nats-server versions we run.
         await js.add_consumer(TELEMETRY_STREAM, consumer)
-    except BadRequestError:
-        # Exists with other settings: bring it in line.
-        await js.add_consumer(TELEMETRY_STREAM, consumer)
+    except BadRequestError as exc:
+        # A change the server cannot apply in place: keep working with the consumer as it is.
+        log.warning("ingest consumer kept its existing configuration: %s", exc)
 
 
 async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:

@@ -339,3 +339,33 @@ def test_it_exits_zero_on_sigterm(
     assert running.ingest.stop() == 0, running.ingest.log()
     assert "runbridge stopped" in running.bridge.log()
     assert "runingest stopped" in running.ingest.log()
+
+
+def test_it_routes_every_message_while_cached_routes_keep_expiring(
+    broker: ServerHandle, nats_server: ServerHandle, live_db: None, alpha: TenantPersona, tmp_path: Path
+) -> None:
+    # Routes expiring while a batch was being routed once sent valid devices to the dead letters.
+    with schema_context(alpha.schema):
+        device_type = endpoint_type()
+        devices = [make_device(device_type) for _ in range(20)]
+    running = Pipeline(broker, nats_server, tmp_path, extra_env={"ARGUS_BRIDGE_ROUTE_TTL_SECONDS": "0.05"}).start()
+    try:
+        with publisher(running.mqtt_url) as sender:
+            sent = [
+                sender.send(
+                    devices[i % 20].logical_identifier, {"msg_id": f"r-{i}", "values": {"temperature": 1}}, wait=False
+                )
+                for i in range(2000)
+            ]
+            for info in sent:
+                info.wait_for_publish(30)
+        ids = [d.logical_identifier for d in devices]
+
+        def stored() -> int:
+            with schema_context(alpha.schema):
+                return TelemetryRaw.objects.filter(logical_identifier__in=ids).count()
+
+        wait_for(lambda: stored() >= 2000, timeout=60, what=lambda: f"2000 stored (have {stored()})")
+        assert "dead-letter" not in running.bridge.log()
+    finally:
+        running.stop()

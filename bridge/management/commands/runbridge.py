@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
-from argus.runner import run_until_stopped
+from argus.runner import run_worker
 from bridge.bridge import MqttBridge
-from telemetry.profiles import InvalidationListener
 
 
 class Command(BaseCommand):
@@ -18,15 +16,4 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         bridge = MqttBridge()
-        listener = InvalidationListener(bridge.routes)
-        listener.start()
-        asyncio.run(
-            run_until_stopped(
-                "runbridge",
-                start=bridge.start,
-                step=bridge.step,
-                close=bridge.close,
-                metrics_port=settings.ARGUS_BRIDGE_METRICS_PORT,
-            )
-        )
-        listener.stop()
+        run_worker("runbridge", bridge, cache=bridge.routes, metrics_port=settings.ARGUS_BRIDGE_METRICS_PORT)

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
-from argus.runner import run_until_stopped
+from argus.runner import run_worker
 from telemetry.consumer import IngestConsumer
 from telemetry.followup import enqueue_followups
-from telemetry.profiles import InvalidationListener
 
 
 class Command(BaseCommand):
@@ -19,15 +17,4 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         consumer = IngestConsumer(after_commit=enqueue_followups)
-        listener = InvalidationListener(consumer.profiles)
-        listener.start()
-        asyncio.run(
-            run_until_stopped(
-                "runingest",
-                start=consumer.start,
-                step=consumer.step,
-                close=consumer.close,
-                metrics_port=settings.ARGUS_INGEST_METRICS_PORT,
-            )
-        )
-        listener.stop()
+        run_worker("runingest", consumer, cache=consumer.profiles, metrics_port=settings.ARGUS_INGEST_METRICS_PORT)
