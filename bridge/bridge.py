@@ -166,7 +166,7 @@ class MqttBridge:
         # Publishes awaiting their PubAck (by message id), and how many MQTT messages they hold.
         self._inflight: dict[str, Pending] = {}
         self._inflight_messages = 0
-        self._last_stamp = 0.0
+        self._last_stamp = 0
         self._last_summary = time.monotonic()
         self._forwarded_since_summary = 0
         self.envelope_messages = settings.ARGUS_BRIDGE_ENVELOPE_MESSAGES
@@ -258,13 +258,13 @@ class MqttBridge:
         for message in batch:
             logical_id = _logical_id(message)
             route = routes[logical_id]
-            received_ms = self._receive_stamp()
+            received_us = self._receive_stamp()
             refusal = self._refusal(logical_id, message.payload, route)
             if refusal is not None:
-                await self._dead_letter(message, logical_id, received_ms, *refusal)
+                await self._dead_letter(message, logical_id, received_us, *refusal)
                 continue
             assert route is not None
-            record = js_defs.EnvelopeRecord(logical_id, js_defs.new_message_id(), received_ms, message.payload)
+            record = js_defs.EnvelopeRecord(logical_id, js_defs.new_message_id(), received_us, message.payload)
             by_tenant.setdefault(route.schema, []).append((message, record))
         for schema, items in by_tenant.items():
             for envelope in _split(items, self.envelope_messages, self.envelope_bytes):
@@ -276,10 +276,10 @@ class MqttBridge:
                 )
         return True
 
-    def _receive_stamp(self) -> float:
-        """The receive time in epoch ms, strictly increasing: it is the reading time of messages
-        without `ts`, so two messages of one device must never share it."""
-        stamp = max(js_defs.now_ms(), self._last_stamp + 0.001)
+    def _receive_stamp(self) -> int:
+        """The receive time in epoch microseconds, strictly increasing: it is the reading time of
+        messages without `ts`, so two messages of one device must never share it."""
+        stamp = max(js_defs.now_us(), self._last_stamp + 1)
         self._last_stamp = stamp
         return stamp
 
@@ -296,9 +296,9 @@ class MqttBridge:
         return None
 
     async def _dead_letter(
-        self, message: mqtt.MQTTMessage, logical_id: str, received_ms: float, code: str, reason: str
+        self, message: mqtt.MQTTMessage, logical_id: str, received_us: int, code: str, reason: str
     ) -> None:
-        headers = js_defs.telemetry_headers(logical_id=logical_id, received_ms=received_ms, transport="mqtt")
+        headers = js_defs.telemetry_headers(logical_id=logical_id, received_ms=received_us / 1000, transport="mqtt")
         headers[js_defs.H_REASON] = reason
         headers["Argus-Topic"] = message.topic
         DEAD_LETTERED.labels(code).inc()

@@ -17,7 +17,6 @@ from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 import nats
 from django.conf import settings
@@ -292,7 +291,7 @@ class IngestConsumer:
                 IncomingMessage(
                     key=r.key,
                     logical_id=r.logical_id,
-                    received_at=datetime.fromtimestamp(r.received_ms / 1000, tz=UTC),
+                    received_at=js_defs.from_epoch_us(r.received_us),
                     payload=r.payload,
                 )
                 for r in records
@@ -307,7 +306,7 @@ class IngestConsumer:
         message = IncomingMessage(
             key=key,
             logical_id=logical_id,
-            received_at=datetime.fromtimestamp(received_ms / 1000, tz=UTC),
+            received_at=js_defs.from_epoch_ms(received_ms),
             payload=msg.data,
             transport=headers.get(js_defs.H_TRANSPORT, "mqtt"),
         )

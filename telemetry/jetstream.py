@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import nats
@@ -63,7 +64,7 @@ H_ENVELOPE = "Argus-Envelope"
 # `encode_envelope`): the bridge sends them, the consumer opens them. Per the prototype's
 # measurements this lifts the chain's ceiling and cuts NATS and consumer CPU several times.
 ENVELOPE_VERSION = b"AE1"
-_RECORD = struct.Struct("!HHdI")
+_RECORD = struct.Struct("!HHqI")
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +73,7 @@ class EnvelopeRecord:
 
     logical_id: str
     key: str  # the message's own id (what Nats-Msg-Id is for a single message)
-    received_ms: float
+    received_us: int  # epoch microseconds: exact, unlike a float of milliseconds
     payload: bytes
 
 
@@ -82,7 +83,7 @@ def encode_envelope(records: list[EnvelopeRecord]) -> bytes:
     for record in records:
         logical_id = record.logical_id.encode()
         key = record.key.encode()
-        parts.append(_RECORD.pack(len(logical_id), len(key), record.received_ms, len(record.payload)))
+        parts.append(_RECORD.pack(len(logical_id), len(key), record.received_us, len(record.payload)))
         parts += (logical_id, key, record.payload)
     return b"".join(parts)
 
@@ -97,14 +98,14 @@ def decode_envelope(data: bytes) -> list[EnvelopeRecord]:
     while offset < len(data):
         if offset + _RECORD.size > len(data):
             raise ValueError("truncated envelope record header")
-        id_len, key_len, received_ms, payload_len = _RECORD.unpack_from(data, offset)
+        id_len, key_len, received_us, payload_len = _RECORD.unpack_from(data, offset)
         offset += _RECORD.size
         end = offset + id_len + key_len + payload_len
         if end > len(data):
             raise ValueError("truncated envelope record")
         logical_id = bytes(view[offset : offset + id_len]).decode()
         key = bytes(view[offset + id_len : offset + id_len + key_len]).decode()
-        records.append(EnvelopeRecord(logical_id, key, received_ms, bytes(view[offset + id_len + key_len : end])))
+        records.append(EnvelopeRecord(logical_id, key, received_us, bytes(view[offset + id_len + key_len : end])))
         offset = end
     return records
 
@@ -169,6 +170,28 @@ def telemetry_headers(
         H_RECEIVED: f"{received_ms:.3f}",
         H_TRANSPORT: transport,
     }
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def from_epoch_us(us: int) -> datetime:
+    """An aware datetime from epoch microseconds, exactly."""
+    return EPOCH + timedelta(microseconds=us)
+
+
+def from_epoch_ms(ms: float) -> datetime:
+    """An aware datetime from epoch milliseconds given to the microsecond (a header value).
+
+    Integer arithmetic: `datetime.fromtimestamp(ms / 1000)` rounds epoch seconds through a float,
+    which cannot hold 16 significant digits, and two stamps 1 us apart could become one.
+    """
+    return from_epoch_us(round(ms * 1000))
+
+
+def now_us() -> int:
+    """Wall-clock epoch microseconds."""
+    return time.time_ns() // 1000
 
 
 def now_ms() -> float:

@@ -321,7 +321,7 @@ def test_it_completes_once_when_the_worker_is_killed_during_reassembly(chunked: 
                 sender.send(gateway.logical_identifier, chunk)
         wait_for(
             lambda: "Task telemetry.tasks.reassemble_transaction[" in celery.worker.log()
-            and backend_waiting_on("UPDATE devices d SET last_seen"),
+            and backend_waiting_on("UPDATE devices SET last_seen"),
             what="the reassembly to hold its 2000 uncommitted readings",
         )
         celery.worker.kill()
@@ -331,7 +331,7 @@ def test_it_completes_once_when_the_worker_is_killed_during_reassembly(chunked: 
     pending = transaction_of(alpha.schema, transaction_id)
     assert pending is not None and pending.status == "pending" and pending.received_chunks == TOTAL
     # The killed worker's database session rolls back once it notices the client is gone.
-    wait_for(lambda: not backend_waiting_on("UPDATE devices d SET last_seen"), what="the orphaned session to end")
+    wait_for(lambda: not backend_waiting_on("UPDATE devices SET last_seen"), what="the orphaned session to end")
     assert children_readings(alpha.schema, gateway) == 0
 
     # Redelivery of the unacknowledged message waits for Redis' visibility timeout; the

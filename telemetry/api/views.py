@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import UTC, datetime
+from datetime import datetime
 
 import nats.errors
 from django.conf import settings
@@ -37,7 +37,7 @@ from devices.models import DeviceType
 from telemetry.adapters import ADAPTERS, Decoded, Rejected
 from telemetry.api.serializers import TELEMETRY_REQUEST_SCHEMA, AcceptedSerializer, ProblemSerializer
 from telemetry.api.throttling import DeviceRateThrottle
-from telemetry.jetstream import H_MSG_ID, SyncPublisher, now_ms, telemetry_headers, telemetry_subject
+from telemetry.jetstream import H_MSG_ID, SyncPublisher, from_epoch_ms, now_ms, telemetry_headers, telemetry_subject
 from telemetry.profiles import TypeProfile, type_profile_of
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ class TelemetryIngestView(APIView):
         body = self._body(request)
         received_ms = now_ms()
         profile = self._type_profile(identity)
-        decoded = self._check(body, profile, datetime.fromtimestamp(received_ms / 1000, tz=UTC))
+        decoded = self._check(body, profile, from_epoch_ms(received_ms))
         headers = telemetry_headers(logical_id=identity.logical_id, received_ms=received_ms, transport="http")
         subject = telemetry_subject(identity.schema, identity.device_id)
         try:
