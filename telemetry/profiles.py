@@ -137,11 +137,11 @@ class ProfileCache:
         for logical_id in logical_ids:
             entry = self._local.get(("device", schema, logical_id))
             if entry is not None and entry[0] > now:
-                LOCAL_DEVICE_HITS.inc()
                 if entry[1] is not None:
                     found[logical_id] = entry[1]
             else:
                 missing.append(logical_id)
+        LOCAL_DEVICE_HITS.inc(len(logical_ids) - len(missing))
         if missing:
             CACHE_LOOKUPS.labels("device", "database").inc(len(missing))
             loaded = {

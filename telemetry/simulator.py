@@ -101,6 +101,8 @@ class SimulatorConfig:
     seed: int | None = None
     # Plain MQTT only: a hand-rolled publisher far cheaper than paho (for benchmarks).
     lean: bool = False
+    # Metrics per gateway child: 2 (rssi, battery) or 1 (rssi).
+    child_metrics: int = len(CHILD_METRICS)
 
     def validate(self) -> None:
         """Raise SimulatorError for settings that cannot work."""
@@ -133,8 +135,8 @@ class SimulatorConfig:
         if self.mode == "endpoint":
             return len(ENDPOINT_METRICS)
         if self.mode == "gateway":
-            return self.children * len(CHILD_METRICS)
-        return self.chunk_size * len(CHILD_METRICS)  # the last chunk of a transaction may be smaller
+            return self.children * self.child_metrics
+        return self.chunk_size * self.child_metrics  # the last chunk of a transaction may be smaller
 
 
 def device_ids(prefix: str, count: int) -> list[str]:
@@ -203,6 +205,8 @@ class PayloadFactory:
 
     def _child_readings(self, ids: Sequence[str]) -> list[dict[str, Any]]:
         uniform, randint = self.rng.uniform, self.rng.randint
+        if self.config.child_metrics == 1:
+            return [{"id": i, "values": {"rssi": round(uniform(-95, -40), 1)}} for i in ids]
         return [{"id": i, "values": {"rssi": round(uniform(-95, -40), 1), "battery": randint(20, 100)}} for i in ids]
 
     def single(self, device: str) -> bytes:
