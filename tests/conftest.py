@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import connection
 from django.test import Client
@@ -52,6 +54,13 @@ def public_schema_first() -> Iterator[None]:
     connection.set_schema_to_public()
     yield
     connection.set_schema_to_public()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def empty_test_redis() -> None:
+    """Start from an empty test Redis database: tasks queued and profiles cached by an earlier
+    run (whose database is gone) must not reach this one's workers."""
+    redis.Redis.from_url(settings.CACHES["default"]["LOCATION"]).flushdb()
 
 
 @pytest.fixture(scope="session")

@@ -240,14 +240,18 @@ class Celery:
         self.start_worker()
         self.beat.start()
         wait_for(
-            lambda: "beat: Starting" in self.beat.log(), timeout=90, what=lambda: f"beat to start: {self.beat.log()}"
+            lambda: "beat: Starting" in self.beat.full_log(),
+            timeout=90,
+            what=lambda: f"beat to start: {self.beat.log()}",
         )
         return self
 
     def start_worker(self) -> None:
         self.worker.start()
         wait_for(
-            lambda: " ready." in self.worker.log(), timeout=90, what=lambda: f"the worker to start: {self.worker.log()}"
+            lambda: " ready." in self.worker.full_log(),
+            timeout=90,
+            what=lambda: f"the worker to start: {self.worker.log()}",
         )
 
     def stop(self) -> None:
