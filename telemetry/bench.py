@@ -29,7 +29,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlparse, urlunparse
 
+import redis
 from django.conf import settings
 from django.db import connection, transaction
 from django_tenants.utils import schema_context
@@ -440,6 +442,8 @@ class Bench:
         self.bench = bench
         self.out = out
         self.run_id = f"b{time.strftime('%m%d%H%M%S')}{uuid.uuid4().hex[:4]}"
+        redis_url = urlparse(settings.REDIS_URL)
+        self.celery_url = os.environ.get("BENCH_CELERY_BROKER_URL") or urlunparse(redis_url._replace(path="/13"))
         self.servers: list[ServerHandle] = []
         self.pipeline: Pipeline | None = None
         self.exit_codes: dict[str, int | None] = {}
@@ -478,6 +482,9 @@ class Bench:
             ARGUS_BRIDGE_SHARE_GROUP="",
             ARGUS_BRIDGE_METRICS_PORT="0",
             ARGUS_INGEST_METRICS_PORT="0",
+            # runingest queues follow-up tasks after every batch and no worker runs here: keep them
+            # out of the real queue (a backlog there delays every real task), drop them afterwards.
+            CELERY_BROKER_URL=self.celery_url,
         )
         if self.bench.private_nats:
             nats = start_nats(workdir=log_dir / "nats")
@@ -514,6 +521,7 @@ class Bench:
         sampler.mark_end()
         self.log(f"stored {stored} of {result.sent} messages; stopping the pipeline")
         self.exit_codes = stop_pipeline(self.pipeline)
+        redis.Redis.from_url(self.celery_url).flushdb()
         return self.analyse(base_id, prefix, result, sampler)
 
     def warm_up(self, devices: list[str], base_id: int) -> None:
