@@ -1,12 +1,14 @@
 """The MQTT → NATS JetStream bridge behind `manage.py runbridge`.
 
-paho-mqtt (MQTT 5, persistent session, QoS 1, manual acknowledgement), driven by the same
-asyncio loop (bridge/mqtt.py), appends each message to a deque; `step()` routes it (device →
-tenant), publishes it to JetStream without awaiting each PubAck (a bounded window of
-`publish_async` futures) and acknowledges the MQTT message only once its PubAck has arrived.
-A message whose publish fails or times out is published again with the same message id, which
-JetStream's duplicate window absorbs. Nothing is acknowledged to the broker that JetStream does
-not hold, so a crash of the bridge loses nothing: the broker redelivers.
+paho-mqtt (MQTT 3.1.1 by default, persistent session, QoS 1, manual acknowledgement), driven by
+the same asyncio loop (bridge/mqtt.py), appends each message to a deque. `step()` routes what
+has arrived (device → tenant), packs each tenant's messages into envelopes (up to 500 messages
+per JetStream message, see telemetry/jetstream.py), publishes them without awaiting each PubAck
+(a bounded window of `publish_async` futures) and acknowledges the MQTT messages of an envelope
+only once its PubAck has arrived. A publish that fails or gets no PubAck is published again with
+the same message id, which JetStream's duplicate window absorbs. Nothing is acknowledged to the
+broker that JetStream does not hold, so a crash of the bridge loses nothing: the broker
+redelivers. Unknown devices, oversized and non-UTF-8 payloads go to the dead-letter stream.
 """
 
 from __future__ import annotations
