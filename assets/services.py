@@ -23,6 +23,7 @@ from assets.models import (
     RuleOperator,
     ThresholdRule,
     TransformationEngine,
+    asset_type_metric_definitions,
 )
 
 log = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ def _score(asset: Asset, values: Mapping[str, float], now: datetime) -> bool:
     algorithm = ALGORITHMS.get(asset_type.health_algorithm)
     if algorithm is None or algorithm.name == "none":
         return False
-    definitions = {d["key"]: d for d in asset_type.metric_definitions}
+    definitions = asset_type_metric_definitions(asset_type)
     score = algorithm.score(asset_type.health_parameters, definitions, values)
     if score is None:
         return False

@@ -157,9 +157,13 @@ def _check_times(decoded: Decoded, received_at: datetime) -> None:
 
 def resolve_children(prepared: list[Prepared], schema: str, profiles: ProfileCache) -> list[DeviceProfile]:
     """Map gateway children to device ids, registering unknown ones where the type allows."""
-    gateway_items = [p for p in prepared if p.status == RawStatus.ACCEPTED and p.decoded and not p.rows]
     gateway_items = [
-        p for p in gateway_items if p.decoded is not None and p.decoded.readings and p.decoded.readings[0].child_id
+        p
+        for p in prepared
+        if p.status == RawStatus.ACCEPTED
+        and p.decoded is not None
+        and p.decoded.readings[:1]
+        and p.decoded.readings[0].child_id
     ]
     if not gateway_items:
         return []

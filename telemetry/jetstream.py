@@ -57,7 +57,6 @@ H_DEVICE = "Argus-Device"
 H_RECEIVED = "Argus-Received-Ms"
 H_TRANSPORT = "Argus-Transport"
 H_REASON = "Argus-Reason"
-H_TENANT = "Argus-Tenant"
 H_ENVELOPE = "Argus-Envelope"
 
 # An envelope carries many device messages of one tenant in one JetStream message (see
