@@ -633,13 +633,16 @@ class LeanMqttPublisher:
         self._in = bytearray()
         self._next_id = 0
         self._last_flush = time.monotonic()
+        self.lost = False  # the connection is gone: nothing more is sent or acknowledged
 
     def outstanding(self) -> int:
         return self.sent - self.acked
 
     def publish(self, device: str, payload: bytes) -> bool:
-        while self.qos and self.outstanding() >= self.window:
+        while self.qos and self.outstanding() >= self.window and not self.lost:
             self.poll(0.005)
+        if self.lost:
+            return False
         topic = TOPIC.format(device).encode()
         if self.qos:
             self._next_id = self._next_id % 65535 + 1
@@ -664,12 +667,14 @@ class LeanMqttPublisher:
             except BlockingIOError:
                 return
             except OSError as exc:
-                _note_error(self, f"send failed: {exc}")
-                self._out.clear()
+                self._lose(f"send failed: {exc}")
                 return
             del self._out[:written]
 
     def poll(self, timeout: float) -> None:
+        if self.lost:
+            time.sleep(timeout)  # callers pacing a rate still wait, without a socket to wait on
+            return
         self._flush()
         readable, writable, _ = select.select([self.sock], [self.sock] if self._out else [], [], timeout)
         if writable:
@@ -681,10 +686,10 @@ class LeanMqttPublisher:
         except BlockingIOError:
             return
         except OSError as exc:
-            _note_error(self, f"receive failed: {exc}")
+            self._lose(f"receive failed: {exc}")
             return
         if not data:
-            _note_error(self, "broker closed the connection")
+            self._lose("broker closed the connection")
             return
         self._in += data
         # Only PUBACKs (0x40 0x02 id id) come back to a publisher.
@@ -692,9 +697,15 @@ class LeanMqttPublisher:
         self.acked += complete
         del self._in[: complete * 4]
 
+    def _lose(self, reason: str) -> None:
+        # Without this, a publisher waiting for PUBACKs of a closed connection would spin forever.
+        _note_error(self, reason)
+        self.lost = True
+        self._out.clear()
+
     def flush(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while (self._out or self.outstanding()) and time.monotonic() < deadline:
+        while (self._out or self.outstanding()) and not self.lost and time.monotonic() < deadline:
             self.poll(0.01)
 
     def close(self) -> None:

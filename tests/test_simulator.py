@@ -16,7 +16,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from argus.devservices import ServerHandle, start_mosquitto
-from telemetry.simulator import SimulatorConfig, chunk_count, device_ids, run_simulation
+from telemetry.simulator import LeanMqttPublisher, SimulatorConfig, chunk_count, device_ids, run_simulation
 
 TIMEOUT = 30.0
 
@@ -210,3 +210,22 @@ def test_it_posts_to_the_http_api_with_each_devices_key() -> None:
     assert {path for path, _, _ in seen} == {"/api/v1/telemetry"}
     assert {auth for _, auth, _ in seen} == {"Api-Key key-one", "Api-Key key-two"}
     assert len({body["msg_id"] for _, _, body in seen}) == 10
+
+
+def test_it_ends_a_lean_run_whose_connection_the_broker_took_over(broker: ServerHandle) -> None:
+    config = SimulatorConfig(devices=["SIMLOST-1"], mqtt_url=broker.url, lean=True, client_id_prefix="sim-takeover")
+    first = LeanMqttPublisher(config, config.devices, 0)
+    first.window = 5
+    # A second connection under the same client id makes the broker close the first one.
+    second = LeanMqttPublisher(config, config.devices, 0)
+    try:
+        started = time.monotonic()
+        outcomes = [first.publish("SIMLOST-1", b'{"values": {"t": 1}}') for _ in range(50)]
+        first.flush(TIMEOUT)
+
+        assert time.monotonic() - started < 10
+        assert first.lost and outcomes[-1] is False
+        assert any("closed" in sample or "failed" in sample for sample in first.error_samples)
+    finally:
+        first.close()
+        second.close()
