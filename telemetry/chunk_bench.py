@@ -8,9 +8,15 @@ Runs a private Mosquitto and nats-server, runbridge, runingest and `celery -A ar
 tenant `bench`. Latency is telemetry_transactions.completed_at - last_chunk_at: from the bridge
 receiving the last chunk to the reassembly writing every reading. The last line is one JSON object.
 
+Endpoint traffic flows at the same time (BENCH_ENDPOINT_RATE messages/s of 4 readings from
+BENCH_ENDPOINT_DEVICES devices); its latency (device ts to stored_at) and losses are reported too.
+Before the measured run the churned tables of tenant `bench` are vacuumed, as autovacuum would
+have done (the report says whether autovacuum is on: it is off on our CI machine's PostgreSQL).
+
 Environment: BENCH_TX_RATE (transactions/s; 20), BENCH_SECONDS (20), BENCH_GATEWAYS (20),
 BENCH_WORKER_CONCURRENCY (2), BENCH_INGESTERS (1), BENCH_BEACON_METRICS (readings per beacon: 1, as
-the issue counts 2000 beacons as 2000 readings; 2 adds battery).
+the issue counts 2000 beacons as 2000 readings; 2 adds battery), BENCH_ENDPOINT_RATE (1000; 0 for
+none), BENCH_ENDPOINT_DEVICES (1000).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -38,13 +45,54 @@ from argus.devservices import start_mosquitto, start_nats  # noqa: E402
 from argus.models import Domain, Organization  # noqa: E402
 from argus.registry import registry_sync  # noqa: E402
 from devices.models import Device, DeviceRole, DeviceType, ProcessingMode  # noqa: E402
-from telemetry.bench import SCHEMA, percentile, start_pipeline, stop_pipeline  # noqa: E402
-from telemetry.simulator import CHILD_METRICS, SimulatorConfig, chunk_count, run_simulation  # noqa: E402
+from telemetry.bench import (  # noqa: E402
+    SCHEMA,
+    BenchSettings,
+    ProcSampler,
+    ensure_bench_devices,
+    max_raw_id,
+    percentile,
+    start_pipeline,
+    stop_pipeline,
+    stored_rows,
+)
+from telemetry.simulator import (  # noqa: E402
+    CHILD_METRICS,
+    SimulatorConfig,
+    SimulatorResult,
+    chunk_count,
+    run_simulation,
+)
 
 TYPE_NAME = "Bench Chunked Gateway"
 BEACONS = 2000
 CHUNK_SIZE = 30
 WORKER_FLAGS = ("--without-gossip", "--without-mingle", "--purge")
+# The seed's BLE gateway schema (fixtures/iot_seed.json): reassembly validates 2000 children against it.
+MESSAGE_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "required": ["children"],
+    "properties": {
+        "children": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["id", "values"],
+                "properties": {
+                    "values": {
+                        "type": "object",
+                        "properties": {
+                            "rssi": {"type": "number", "minimum": -130, "maximum": 0},
+                            "battery": {"type": "number", "minimum": 0, "maximum": 100},
+                        },
+                    }
+                },
+            },
+        }
+    },
+}
+CHURNED_TABLES = ("telemetry_chunks", "telemetry_transactions", "devices", "assets")
 
 
 def log(text: str) -> None:
@@ -69,9 +117,13 @@ def ensure_gateways(count: int) -> list[str]:
                 auto_register_children=True,
                 max_children=5000,
                 max_chunks=100,
+                message_schema=MESSAGE_SCHEMA,
             )
             device_type.full_clean()
             device_type.save()
+        elif device_type.message_schema != MESSAGE_SCHEMA:
+            device_type.message_schema = MESSAGE_SCHEMA
+            device_type.save(update_fields=["message_schema"])
         existing = set(Device.objects.filter(logical_identifier__in=ids).values_list("logical_identifier", flat=True))
         missing = [i for i in ids if i not in existing]
         if missing:
@@ -109,10 +161,70 @@ def wait_done(prefix: str, expected: int, timeout: float) -> list[tuple[str, flo
     return rows
 
 
+def vacuum_churned_tables() -> str:
+    """VACUUM what the benchmark churns in tenant `bench`; returns the autovacuum setting."""
+    with schema_context(SCHEMA), connection.cursor() as cursor:
+        cursor.execute("SHOW autovacuum")
+        autovacuum = str(cursor.fetchone()[0])
+        for table in CHURNED_TABLES:
+            cursor.execute(f"VACUUM (ANALYZE) {table}")
+    return autovacuum
+
+
+def child_pids(pid: int) -> list[int]:
+    """The children of a process (a Celery worker's pool processes)."""
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def postgres_pids() -> list[int]:
+    """Every PostgreSQL server process on this machine (their CPU is the database's share)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() in ("postgres", "postmaster"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def endpoint_report(base_id: int, prefix: str, result: SimulatorResult | None) -> dict[str, Any]:
+    """Latency (device ts to stored_at) and losses of the endpoint traffic sent alongside."""
+    if result is None:
+        return {}
+    rows = stored_rows(base_id, prefix)
+    latencies = sorted(r.stored_ms - r.ts_ms for r in rows if r.ts_ms is not None)
+    return {
+        "endpoint_msgs_per_s": round(result.achieved_rate, 1),
+        "endpoint_sent": result.sent,
+        "endpoint_lost": result.sent - len({r.msg_id for r in rows}),
+        "endpoint_rejected": sum(r.status != "accepted" for r in rows),
+        "endpoint_p50_latency_ms": round(percentile(latencies, 0.5), 1),
+        "endpoint_p99_latency_ms": round(percentile(latencies, 0.99), 1),
+    }
+
+
 def main() -> int:
     tx_rate = float(os.environ.get("BENCH_TX_RATE", "20"))
     seconds = float(os.environ.get("BENCH_SECONDS", "20"))
     gateways = ensure_gateways(int(os.environ.get("BENCH_GATEWAYS", "20")))
+    endpoint_rate = float(os.environ.get("BENCH_ENDPOINT_RATE", "1000"))
+    endpoints = ensure_bench_devices(
+        BenchSettings(
+            rate=endpoint_rate,
+            seconds=seconds,
+            mode="endpoint",
+            devices=int(os.environ.get("BENCH_ENDPOINT_DEVICES", "1000")),
+            ingesters=1,
+            sim_processes=1,
+            private_nats=True,
+        ),
+        log,
+    )
     concurrency = os.environ.get("BENCH_WORKER_CONCURRENCY", "2")
     run_id = f"c{time.strftime('%m%d%H%M%S')}{uuid.uuid4().hex[:4]}"
     log_dir = Path(settings.BASE_DIR) / ".run" / "chunk-bench" / run_id
@@ -169,12 +281,53 @@ def main() -> int:
                 break
         else:
             raise RuntimeError("warm-up transactions did not complete")
-        log(f"warm; offering {tx_rate:g} transactions/s ({tx_rate * chunks:g} msgs/s) for {seconds:g} s")
+        if endpoint_rate > 0:
+            run_simulation(config(f"{run_id}-EW-", devices=endpoints, mode="endpoint", messages=len(endpoints)))
+        autovacuum = vacuum_churned_tables()
+        log(
+            f"warm; offering {tx_rate:g} transactions/s ({tx_rate * chunks:g} msgs/s) and {endpoint_rate:g} "
+            f"endpoint msgs/s for {seconds:g} s"
+        )
+        base_id = max_raw_id()
+        sampler = ProcSampler(
+            {
+                "bridge": [pipeline.bridge.pid],
+                "ingest": [p.pid for p in pipeline.ingesters],
+                "worker": [worker.pid, *child_pids(worker.pid)],
+                "postgres": postgres_pids(),
+                "mosquitto": [broker.pid],
+                "nats": [nats.pid],
+            }
+        )
+        endpoint_result: list[SimulatorResult] = []
+        endpoint_load = threading.Thread(
+            target=lambda: endpoint_result.append(
+                run_simulation(
+                    config(
+                        f"{run_id}-E-",
+                        devices=endpoints,
+                        mode="endpoint",
+                        rate=endpoint_rate,
+                        seconds=seconds,
+                        # Its own MQTT client ids: a second connection under the same id takes over the first.
+                        client_id_prefix=f"argus-chunk-bench-{run_id}-endpoints",
+                    )
+                )
+            ),
+            daemon=True,
+        )
+        sampler.mark_start()
+        if endpoint_rate > 0:
+            endpoint_load.start()
         prefix = f"{run_id}-L"
         result = run_simulation(
             config(prefix, rate=tx_rate * chunks, seconds=seconds, processes=2 if tx_rate * chunks > 1500 else 1)
         )
+        sampler.mark_end()
         log(result.summary_line())
+        if endpoint_rate > 0:
+            endpoint_load.join()
+            log(endpoint_result[0].summary_line())
         sent_tx = -(-result.sent // chunks)
         rows = wait_done(prefix, sent_tx, 120)
         latencies = sorted(r[1] for r in rows if r[0] == "complete" and r[1] is not None)
@@ -191,6 +344,10 @@ def main() -> int:
             "p99_last_chunk_to_complete_ms": round(percentile(latencies, 0.99), 1),
             "max_last_chunk_to_complete_ms": round(latencies[-1], 1) if latencies else None,
             "worker_concurrency": int(concurrency),
+            **endpoint_report(base_id, f"{run_id}-E-", endpoint_result[0] if endpoint_result else None),
+            **{f"cpu_cores_{name}": round(sampler.cores(name), 2) for name in sampler.groups},
+            "cpu_cores_machine": round(sampler.machine_cores(), 2),
+            "autovacuum": autovacuum,
         }
         print(json.dumps(report), flush=True)
         code = 0 if statuses.get("complete") == sent_tx else 1
