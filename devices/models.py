@@ -120,7 +120,14 @@ class Device(models.Model):
     name = models.CharField(max_length=200)
     logical_identifier = models.CharField(max_length=128, unique=True, validators=[logical_identifier_validator])
     device_role = models.CharField(max_length=20, choices=DeviceRole.choices, default=DeviceRole.STANDALONE)
-    parent_device = models.ForeignKey("self", null=True, blank=True, on_delete=models.PROTECT, related_name="children")
+    parent_device = models.ForeignKey(
+        "self",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="children",
+        db_index=False,  # devices_parent_idx below
+    )
     network_metadata = models.JSONField(default=dict, blank=True)
     protocol = models.CharField(max_length=10, choices=DeviceProtocol.choices, default=DeviceProtocol.MQTT)
     status = models.CharField(max_length=20, choices=DeviceStatus.choices, default=DeviceStatus.ACTIVE)

@@ -23,12 +23,20 @@ class Transport(models.TextChoices):
 class TelemetryRaw(models.Model):
     """One message as it reached the platform, byte for byte; append-only (enforced by a trigger)."""
 
-    device = models.ForeignKey(Device, null=True, on_delete=models.PROTECT, related_name="+")
+    # Thousands of inserts a second: every index and check counts. The device's lookups use
+    # telemetry_raw_device_recv_idx; the unique ingest key is a plain unique constraint (a unique
+    # field adds a second, pattern-ops index). No foreign-key constraint in the database: its check
+    # locks the device's row on every insert (FOR KEY SHARE), which cost more PostgreSQL time than
+    # the COPY itself while ingest rewrote last_seen (issue 4). Ingest only stores ids of devices
+    # it has just resolved, and PROTECT still keeps the ORM from deleting a device with raw rows.
+    device = models.ForeignKey(
+        Device, null=True, on_delete=models.PROTECT, related_name="+", db_index=False, db_constraint=False
+    )
     logical_identifier = models.CharField(max_length=128)
     msg_id = models.CharField(max_length=200, null=True, blank=True)  # noqa: DJ001 - contract: null when none
     # Idempotency key: `<logical id>/m/<msg_id>` when the message carries one, else the id the
     # bridge or HTTP endpoint gave it; a redelivered message never makes a second row.
-    ingest_key = models.CharField(max_length=400, unique=True)
+    ingest_key = models.CharField(max_length=400)
     payload = models.BinaryField()
     received_at = models.DateTimeField()
     stored_at = models.DateTimeField(auto_now_add=True)
@@ -39,6 +47,7 @@ class TelemetryRaw(models.Model):
 
     class Meta:
         db_table = "telemetry_raw"
+        constraints = [models.UniqueConstraint(fields=["ingest_key"], name="telemetry_raw_ingest_key_uniq")]
         indexes = [
             models.Index(fields=["device", "-received_at"], name="telemetry_raw_device_recv_idx"),
             # Accepted rows are the bulk and are found by device; only the others by status.
@@ -111,10 +120,14 @@ class TelemetryTransaction(models.Model):
 class TelemetryChunk(models.Model):
     """One chunk of a pending transaction, kept until the transaction completes or expires."""
 
-    transaction = models.ForeignKey(TelemetryTransaction, on_delete=models.CASCADE, related_name="chunks")
+    # Chunks are inserted and deleted over a thousand times a second: one index, the unique
+    # (transaction, index) pair, serves every lookup (raw rows are never deleted).
+    transaction = models.ForeignKey(
+        TelemetryTransaction, on_delete=models.CASCADE, related_name="chunks", db_index=False
+    )
     chunk_index = models.PositiveIntegerField()
     payload = models.BinaryField()
-    raw = models.ForeignKey(TelemetryRaw, on_delete=models.PROTECT, related_name="+")
+    raw = models.ForeignKey(TelemetryRaw, on_delete=models.PROTECT, related_name="+", db_index=False)
     received_at = models.DateTimeField()
     expires_at = models.DateTimeField()
 
@@ -123,7 +136,6 @@ class TelemetryChunk(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["transaction", "chunk_index"], name="telemetry_chunks_uniq"),
         ]
-        indexes = [models.Index(fields=["expires_at"], name="telemetry_chunks_expires_idx")]
 
     def __str__(self) -> str:
         return f"{self.transaction_id}#{self.chunk_index}"
