@@ -15,7 +15,9 @@ app.autodiscover_tasks()
 
 
 @worker_process_init.connect
-def _start_profile_invalidation(**kwargs: object) -> None:
+def _start_worker_process(**kwargs: object) -> None:
+    from argus.runner import freeze_startup_objects
     from telemetry.tasks import start_profile_invalidation
 
     start_profile_invalidation()
+    freeze_startup_objects()

@@ -7,6 +7,7 @@ command exits 0. Work is done back to back while there is any; `step()` itself w
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -60,9 +61,21 @@ def run_worker(name: str, worker: Worker, *, cache: Invalidatable, metrics_port:
     """Run a worker until SIGTERM/SIGINT, its cache kept fresh by profile invalidations."""
     listener = InvalidationListener(cache)
     listener.start()
+    freeze_startup_objects()
     try:
         asyncio.run(
             run_until_stopped(name, start=worker.start, step=worker.step, close=worker.close, metrics_port=metrics_port)
         )
     finally:
         listener.stop()
+
+
+def freeze_startup_objects() -> None:
+    """Keep what start-up allocated (Django, every module) out of the garbage collector's scans.
+
+    Full collections otherwise walk those objects again and again while a worker decodes
+    thousands of readings a second: freezing them cut the CPU of decoding a 2000-beacon
+    transaction by about a third (issue 4).
+    """
+    gc.collect()
+    gc.freeze()

@@ -111,12 +111,17 @@ def _msg_id(document: dict[str, Any]) -> str | None:
     return str(msg_id)
 
 
-def _children(document: dict[str, Any], received_at: datetime, max_children: int) -> list[Reading]:
+def _children_list(document: dict[str, Any], max_children: int) -> list[Any]:
     children = document.get("children")
     if not isinstance(children, list) or not children:
         raise Rejected("children must be a non-empty list")
     if len(children) > max_children:
         raise Rejected(f"{len(children)} children, more than the type's limit of {max_children}")
+    return children
+
+
+def _children(document: dict[str, Any], received_at: datetime, max_children: int) -> list[Reading]:
+    children = _children_list(document, max_children)
     base_time = parse_time(document.get("ts"), received_at, "")
     readings = []
     for i, child in enumerate(children):
@@ -169,10 +174,13 @@ def decode_argus_json(payload: bytes, mode: str, received_at: datetime, max_chil
     if mode == "gateway":
         return Decoded(document=document, msg_id=msg_id, readings=_children(document, received_at, max_children))
     if mode == "gateway_chunked":
+        # Only what admitting the chunk needs. Its children are parsed once, when the transaction
+        # is reassembled (each chunk decoded as the gateway message it is, then the whole checked
+        # against the type's schema): parsing them here too doubled the CPU spent per reading.
         chunk = _chunk_info(document)
-        # Each chunk is checked on its own now; the whole is validated again at reassembly.
-        readings = _children(document, received_at, max_children)
-        return Decoded(document=document, msg_id=msg_id, readings=readings, chunk=chunk)
+        _children_list(document, max_children)
+        parse_time(document.get("ts"), received_at, "")
+        return Decoded(document=document, msg_id=msg_id, chunk=chunk)
     raise Rejected(f"unknown processing mode {mode!r}")
 
 

@@ -20,8 +20,9 @@ from django.utils import timezone
 from prometheus_client import Counter
 
 from argus.registry import current_schema
+from devices.models import ProcessingMode
 from telemetry.adapters import ADAPTERS, Decoded, Rejected
-from telemetry.models import RawStatus, TelemetryChunk, TelemetryTransaction, TransactionStatus
+from telemetry.models import RawStatus, TelemetryTransaction, TransactionStatus
 
 if TYPE_CHECKING:
     from telemetry.ingest import Prepared
@@ -131,8 +132,10 @@ def chunks_store(admissions: list[Admission], inserted: dict[str, int]) -> list[
         return []
     with connection.cursor() as cursor:
         with cursor.cursor.copy(
-            "COPY telemetry_chunks (transaction_id, chunk_index, payload, raw_id, received_at, expires_at) FROM STDIN"
+            "COPY telemetry_chunks (transaction_id, chunk_index, payload, raw_id, received_at, expires_at) "
+            "FROM STDIN (FORMAT BINARY)"
         ) as copy:
+            copy.set_types(["int8", "int4", "bytea", "int8", "timestamptz", "timestamptz"])
             for a in stored:
                 received = a.item.message.received_at
                 assert a.item.device_type is not None
@@ -185,8 +188,7 @@ def transactions_expire(*, transaction_pks: list[int] | None = None, grace_secon
             [transaction_pks or [], transaction_pks is None, cutoff],
         )
         expired = cursor.fetchall()
-        if expired:
-            cursor.execute("DELETE FROM telemetry_chunks WHERE transaction_id = ANY(%s)", [[row[0] for row in expired]])
+    _chunks_delete([row[0] for row in expired])
     for _, tx_id, received, expected in expired:
         TRANSACTIONS.labels("expired").inc()
         log.info("transaction expired schema=%s id=%s chunks=%d/%d", current_schema(), tx_id, received, expected)
@@ -206,16 +208,23 @@ class ReassemblyOutcome:
 def transaction_reassemble(*, transaction_pk: int, profiles: ProfileCache) -> ReassemblyOutcome:
     """Store every reading of a complete transaction at once (idempotent: a finished transaction
     is left as it is, so running twice, or on two workers at once, gives one result)."""
-    from telemetry.ingest import BatchResult, IncomingMessage, Prepared, resolve_children, write_readings
+    from telemetry.ingest import BatchResult, IncomingMessage, Prepared, check_times, resolve_children, write_readings
 
     schema = current_schema()
     with transaction.atomic():
-        tx = TelemetryTransaction.objects.select_for_update().select_related("device").filter(pk=transaction_pk).first()
+        # of=("self",): locking the joined device row too would make every chunk ingest takes for
+        # that gateway (its foreign-key checks) wait for this whole reassembly.
+        tx = (
+            TelemetryTransaction.objects.select_for_update(of=("self",))
+            .select_related("device")
+            .filter(pk=transaction_pk)
+            .first()
+        )
         if tx is None:
             return ReassemblyOutcome(status="missing")
         if tx.status != TransactionStatus.PENDING or tx.received_chunks < tx.expected_chunks:
             return ReassemblyOutcome(status=tx.status, reason="not ready" if tx.status == "pending" else "")
-        chunks = list(TelemetryChunk.objects.filter(transaction=tx).order_by("chunk_index"))
+        chunks = _chunks_of(tx.pk)
         device = profiles.device(schema, tx.device.logical_identifier)
         device_type = profiles.device_type(schema, tx.device.device_type_id)
         assert device is not None and device_type is not None
@@ -228,19 +237,25 @@ def transaction_reassemble(*, transaction_pk: int, profiles: ProfileCache) -> Re
         )
         raw_ids: list[int] = []
         try:
-            if [c.chunk_index for c in chunks] != list(range(tx.expected_chunks)):
+            if [index for index, _, _, _ in chunks] != list(range(tx.expected_chunks)):
                 raise Rejected("chunks are missing although the count is complete")
             readings = []
             children = []
             header: dict[str, object] = {}
-            for chunk in chunks:
-                decoded = ADAPTERS[device_type.protocol_adapter](
-                    bytes(chunk.payload), "gateway_chunked", chunk.received_at, device_type.max_children
-                )
+            for index, payload, raw_id, received_at in chunks:
+                # A chunk is a gateway message with the chunk fields added: decoded as one, its
+                # children are parsed here, once (admission only looked at the chunk fields).
+                try:
+                    decoded = ADAPTERS[device_type.protocol_adapter](
+                        payload, ProcessingMode.GATEWAY, received_at, device_type.max_children
+                    )
+                    check_times(decoded, received_at)
+                except Rejected as exc:
+                    raise Rejected(f"chunk {index}: {exc.reason}") from None
                 readings.extend(decoded.readings)
                 children.extend(decoded.document["children"])
                 header = header or _header_fields(decoded.document)
-                raw_ids.extend([chunk.raw_id] * len(decoded.readings))
+                raw_ids.extend([raw_id] * len(decoded.readings))
             if len(readings) > device_type.max_children:
                 raise Rejected(f"{len(readings)} children, more than the type's limit of {device_type.max_children}")
             whole = {**header, "children": children}
@@ -256,7 +271,7 @@ def transaction_reassemble(*, transaction_pk: int, profiles: ProfileCache) -> Re
             tx.reason = exc.reason[:1000]
             tx.completed_at = timezone.now()
             tx.save(update_fields=["status", "reason", "completed_at"])
-            TelemetryChunk.objects.filter(transaction=tx).delete()
+            _chunks_delete([tx.pk])
             TRANSACTIONS.labels("failed").inc()
             log.warning("transaction failed schema=%s id=%s reason=%s", schema, tx.transaction_id, exc.reason)
             return ReassemblyOutcome(status=TransactionStatus.FAILED, reason=exc.reason)
@@ -273,7 +288,7 @@ def transaction_reassemble(*, transaction_pk: int, profiles: ProfileCache) -> Re
         tx.completed_at = timezone.now()
         tx.readings = result.readings
         tx.save(update_fields=["status", "completed_at", "readings"])
-        TelemetryChunk.objects.filter(transaction=tx).delete()
+        _chunks_delete([tx.pk])
     for profile in registered:
         profiles.remember_device(schema, profile)
     TRANSACTIONS.labels("complete").inc()
@@ -285,6 +300,28 @@ def transaction_reassemble(*, transaction_pk: int, profiles: ProfileCache) -> Re
         result.readings,
     )
     return ReassemblyOutcome(status=TransactionStatus.COMPLETE, readings=result.readings, latest=result.latest)
+
+
+def _chunks_of(transaction_pk: int) -> list[tuple[int, bytes, int, datetime]]:
+    """(index, payload, raw id, received at) of a transaction's stored chunks, in index order."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT chunk_index, payload, raw_id, received_at FROM telemetry_chunks "
+            "WHERE transaction_id = %s ORDER BY chunk_index",
+            [transaction_pk],
+        )
+        return [(index, bytes(payload), raw_id, received_at) for index, payload, raw_id, received_at in cursor]
+
+
+def _chunks_delete(transaction_pks: list[int]) -> None:
+    """Drop the chunks of finished transactions.
+
+    In SQL: the ORM's delete() loads every chunk, payload included, before deleting it, because
+    django-tenants listens to post_delete for every model.
+    """
+    if transaction_pks:
+        with connection.cursor() as cursor:
+            cursor.execute("DELETE FROM telemetry_chunks WHERE transaction_id = ANY(%s)", [transaction_pks])
 
 
 def _header_fields(document: dict[str, object]) -> dict[str, object]:

@@ -18,6 +18,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from argus.registry import current_schema, current_tenant
+from argus.sql import bigint_array
 from devices.models import DeviceRole, DeviceStatus, ProcessingMode
 from telemetry.adapters import ADAPTERS, Decoded, Rejected
 from telemetry.chunks import chunks_admit, chunks_store
@@ -128,10 +129,11 @@ def _prepare(message: IncomingMessage, schema: str, profiles: ProfileCache, now:
             message.payload, device_type.processing_mode, message.received_at, device_type.max_children
         )
         item.decoded = decoded
-        error = device_type.schema_error(decoded.document)
-        if error:
-            raise Rejected(error)
-        _check_times(decoded, message.received_at)
+        if decoded.chunk is None:  # a chunk is checked as part of the whole, at reassembly
+            error = device_type.schema_error(decoded.document)
+            if error:
+                raise Rejected(error)
+            check_times(decoded, message.received_at)
     except Rejected as exc:
         item.reject(exc.reason)
         return item
@@ -147,7 +149,8 @@ def _prepare(message: IncomingMessage, schema: str, profiles: ProfileCache, now:
     return item
 
 
-def _check_times(decoded: Decoded, received_at: datetime) -> None:
+def check_times(decoded: Decoded, received_at: datetime) -> None:
+    """Refuse readings stamped too far from the time the platform received them."""
     earliest = received_at - timedelta(seconds=settings.ARGUS_MAX_PAST_SECONDS)
     latest = received_at + timedelta(seconds=settings.ARGUS_MAX_FUTURE_SECONDS)
     for reading in decoded.readings:
@@ -291,6 +294,12 @@ def _write(prepared: list[Prepared]) -> tuple[BatchResult, dict[str, int]]:
 RAW_COLUMNS = (
     "device_id, logical_identifier, msg_id, ingest_key, payload, received_at, transport, status, reason, readings"
 )
+RAW_TYPES = ["int8", "text", "text", "text", "bytea", "timestamptz", "text", "text", "text", "int4"]
+HISTORY_COLUMNS = "time, device_id, metric, value, raw_id"
+HISTORY_TYPES = ["timestamptz", "int8", "text", "float8", "int8"]
+# Binary COPY with declared types: psycopg formats each row in C, ~6x less CPU than text rows
+# (0.7 vs 4.2 ms per 2000 readings, measured in issue 4). Values must match the types exactly.
+BINARY = "(FORMAT BINARY)"
 
 
 def _raw_row(key: str, item: Prepared) -> tuple[object, ...]:
@@ -326,7 +335,8 @@ def _insert_raw(unique: dict[str, Prepared]) -> dict[str, int]:
             )
             ids = [row[0] for row in cursor.fetchall()]
             stored_at = timezone.now()
-            with cursor.cursor.copy(f"COPY telemetry_raw (id, stored_at, {RAW_COLUMNS}) FROM STDIN") as copy:
+            with cursor.cursor.copy(f"COPY telemetry_raw (id, stored_at, {RAW_COLUMNS}) FROM STDIN {BINARY}") as copy:
+                copy.set_types(["int8", "timestamptz", *RAW_TYPES])
                 for raw_id, (key, item) in zip(ids, unique.items(), strict=True):
                     copy.write_row((raw_id, stored_at, *_raw_row(key, item)))
             return dict(zip(unique, ids, strict=True))
@@ -334,7 +344,8 @@ def _insert_raw(unique: dict[str, Prepared]) -> dict[str, int]:
         pass
     with connection.cursor() as cursor:
         cursor.execute(STAGE_TABLES)
-        with cursor.cursor.copy(f"COPY ingest_raw_stage ({RAW_COLUMNS}) FROM STDIN") as copy:
+        with cursor.cursor.copy(f"COPY ingest_raw_stage ({RAW_COLUMNS}) FROM STDIN {BINARY}") as copy:
+            copy.set_types(RAW_TYPES)
             for key, item in unique.items():
                 copy.write_row(_raw_row(key, item))
         cursor.execute(
@@ -352,10 +363,10 @@ def _insert_history(rows: list[tuple[datetime, int, str, float, int]]) -> int:
     """Insert readings; returns how many were new. A second reading of one (device, metric,
     time) keeps the first value. COPY straight into the table, or, when that meets an existing
     key, through a staging table with `ON CONFLICT DO NOTHING`."""
-    columns = "time, device_id, metric, value, raw_id"
     try:
         with transaction.atomic(), connection.cursor() as cursor:
-            with cursor.cursor.copy(f"COPY telemetry_history ({columns}) FROM STDIN") as copy:
+            with cursor.cursor.copy(f"COPY telemetry_history ({HISTORY_COLUMNS}) FROM STDIN {BINARY}") as copy:
+                copy.set_types(HISTORY_TYPES)
                 for row in rows:
                     copy.write_row(row)
             return len(rows)
@@ -363,12 +374,13 @@ def _insert_history(rows: list[tuple[datetime, int, str, float, int]]) -> int:
         pass
     with connection.cursor() as cursor:
         cursor.execute(STAGE_TABLES)
-        with cursor.cursor.copy(f"COPY ingest_history_stage ({columns}) FROM STDIN") as copy:
+        with cursor.cursor.copy(f"COPY ingest_history_stage ({HISTORY_COLUMNS}) FROM STDIN {BINARY}") as copy:
+            copy.set_types(HISTORY_TYPES)
             for row in rows:
                 copy.write_row(row)
         cursor.execute(
-            f"INSERT INTO telemetry_history ({columns}) "
-            f"SELECT {columns} FROM ingest_history_stage ON CONFLICT DO NOTHING"
+            f"INSERT INTO telemetry_history ({HISTORY_COLUMNS}) "
+            f"SELECT {HISTORY_COLUMNS} FROM ingest_history_stage ON CONFLICT DO NOTHING"
         )
         return cursor.rowcount
 
@@ -387,8 +399,10 @@ def write_readings(
     for device_id, time, values, raw_id in readings:
         rows.extend((time, device_id, metric, value, raw_id) for metric, value in values.items())
         newest = result.latest.get(device_id)
-        if newest is None or newest[0] <= time:
-            result.latest[device_id] = (time, {**newest[1], **values} if newest else dict(values))
+        if newest is None:
+            result.latest[device_id] = (time, values)  # never mutated: merges below make new dicts
+        elif newest[0] <= time:
+            result.latest[device_id] = (time, {**newest[1], **values})
     if rows:
         written = _insert_history(rows)
         result.readings += written
@@ -415,14 +429,15 @@ def write_readings(
             ids.append(device_id)
             slots[slot] = (max(slot_time, heard), ids)
         for heard, ids in slots.values():
+            id_array = bigint_array(ids)
             cursor.execute(
-                "UPDATE devices SET last_seen = %s WHERE id = ANY(%s) "
+                "UPDATE devices SET last_seen = %s WHERE id = ANY(%s::bigint[]) "
                 "AND (last_seen IS NULL OR last_seen < %s - make_interval(secs => %s))",
-                [heard, ids, heard, resolution],
+                [heard, id_array, heard, resolution],
             )
             cursor.execute(
                 "UPDATE assets SET last_telemetry_at = %s "
-                "WHERE id IN (SELECT asset_id FROM asset_devices WHERE device_id = ANY(%s)) "
+                "WHERE id IN (SELECT asset_id FROM asset_devices WHERE device_id = ANY(%s::bigint[])) "
                 "AND (last_telemetry_at IS NULL OR last_telemetry_at < %s - make_interval(secs => %s))",
-                [heard, ids, heard, resolution],
+                [heard, id_array, heard, resolution],
             )

@@ -412,3 +412,30 @@ def test_it_rejects_bad_chunks_with_reasons_without_harming_a_good_transaction(
         assert not TelemetryTransaction.objects.filter(transaction_id=bad["total-above-limit"][1]["transaction_id"])
         assert not Device.objects.filter(logical_identifier=stray_beacon).exists()
         assert not TelemetryTransaction.objects.filter(device=intruder).exists()
+
+
+def test_it_fails_a_transaction_whose_reassembled_whole_is_invalid(chunked: Pipeline, alpha: TenantPersona) -> None:
+    # Each chunk alone satisfies both types' schemas; the checks apply to the reassembled whole.
+    with schema_context(alpha.schema):
+        bad_child_gateway = make_gateway(chunked_type())
+        too_many_gateway = make_gateway(
+            chunked_type(message_schema={"type": "object", "properties": {"children": {"maxItems": BEACONS - 1}}})
+        )
+    bad_child_tx, bad_child_chunks = build_chunks()
+    bad_child_chunks[12]["children"][3]["values"]["rssi"] = "strong"
+    too_many_tx, too_many_chunks = build_chunks()
+    with publisher(chunked.mqtt_url) as sender:
+        for bad_child_chunk, too_many_chunk in zip(bad_child_chunks, too_many_chunks, strict=True):
+            sender.send(bad_child_gateway.logical_identifier, bad_child_chunk)
+            sender.send(too_many_gateway.logical_identifier, too_many_chunk)
+
+    bad_child = wait_for_status(alpha.schema, bad_child_tx, "failed")
+    assert bad_child.reason == "chunk 12: children[3].values.rssi is not a number"
+    too_many = wait_for_status(alpha.schema, too_many_tx, "failed")
+    assert too_many.reason.startswith("reassembled message: schema: children:")
+    for gateway, tx in ((bad_child_gateway, bad_child), (too_many_gateway, too_many)):
+        assert tx.readings == 0
+        assert children_readings(alpha.schema, gateway) == 0
+        assert chunk_rows(alpha.schema, tx) == 0
+        # The chunks themselves stay on record, byte for byte.
+        assert [r.status for r in raw_rows(alpha.schema, gateway.logical_identifier)] == [RawStatus.CHUNK] * TOTAL

@@ -33,7 +33,7 @@ from devices.authentication import (
     DeviceJWTAuthentication,
     IsDevice,
 )
-from devices.models import DeviceType
+from devices.models import DeviceType, ProcessingMode
 from telemetry.adapters import ADAPTERS, Decoded, Rejected
 from telemetry.api.serializers import TELEMETRY_REQUEST_SCHEMA, AcceptedSerializer, ProblemSerializer
 from telemetry.api.throttling import DeviceRateThrottle
@@ -216,13 +216,21 @@ class TelemetryIngestView(APIView):
             raise InvalidMessage(f"The device type's protocol adapter {profile.protocol_adapter!r} is unknown.")
         try:
             decoded = adapter(body, profile.processing_mode, received_at, profile.max_children)
+            if decoded.chunk is not None:
+                # Ingest parses a chunk's children only at reassembly; a device posting over HTTP
+                # hears about a bad child now. The type's schema applies to the reassembled whole.
+                adapter(body, ProcessingMode.GATEWAY, received_at, profile.max_children)
         except Rejected as exc:
             code = (
                 "malformed_json" if exc.reason.startswith(("malformed JSON", "payload is not")) else "invalid_message"
             )
             raise InvalidMessage(exc.reason, code=code) from None
-        if decoded.chunk is not None and decoded.chunk.total > profile.max_chunks:
-            raise InvalidMessage(f"total {decoded.chunk.total} exceeds the type's limit of {profile.max_chunks} chunks")
+        if decoded.chunk is not None:
+            if decoded.chunk.total > profile.max_chunks:
+                raise InvalidMessage(
+                    f"total {decoded.chunk.total} exceeds the type's limit of {profile.max_chunks} chunks"
+                )
+            return decoded
         error = profile.schema_error(decoded.document)
         if error is not None:
             raise InvalidMessage(error, code="schema_violation")
