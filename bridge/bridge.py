@@ -173,6 +173,8 @@ class MqttBridge:
         self._forwarded_since_summary = 0
         self.envelope_messages = settings.ARGUS_BRIDGE_ENVELOPE_MESSAGES
         self.envelope_bytes = settings.ARGUS_BRIDGE_ENVELOPE_BYTES
+        self.linger = settings.ARGUS_BRIDGE_LINGER_SECONDS
+        self._incoming_since = 0.0  # when the oldest message waiting in _incoming arrived
         self._draining = False
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
@@ -237,13 +239,20 @@ class MqttBridge:
         """Route and publish what has arrived; retry failed publishes. False when idle."""
         await self._sweep()
         room = min(self.batch, self.max_inflight - self._inflight_messages)
-        if not self._incoming or room <= 0:
-            # Idle, or the window is full: leaving messages unacknowledged makes the broker wait.
+        filling = (
+            len(self._incoming) < self.envelope_messages
+            and time.monotonic() - self._incoming_since < self.linger
+            and not self._draining
+        )
+        if not self._incoming or room <= 0 or filling:
+            # Idle, the window is full (leaving messages unacknowledged makes the broker wait),
+            # or an envelope is still filling.
             await asyncio.sleep(0.002)
             return False
         batch: list[mqtt.MQTTMessage] = []
         while self._incoming and len(batch) < room:
             batch.append(self._incoming.popleft())
+        self._incoming_since = time.monotonic()
         # Resolve every route of the batch once: an entry must not expire between the check and
         # its use (it did, and valid devices were dead-lettered, when a batch straddled a TTL).
         routes: dict[str, Route | None] = {}
@@ -430,6 +439,8 @@ class MqttBridge:
             # Not acknowledged: the broker keeps it in our session and redelivers it.
             return
         RECEIVED.inc()
+        if not self._incoming:
+            self._incoming_since = time.monotonic()
         self._incoming.append(message)
 
     async def _nats_error(self, exc: Exception) -> None:
