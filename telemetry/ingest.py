@@ -19,6 +19,7 @@ from django.utils import timezone
 
 from argus.registry import current_schema, current_tenant
 from argus.sql import bigint_array
+from assets.services import linked_devices
 from devices.models import DeviceRole, DeviceStatus, ProcessingMode
 from telemetry.adapters import ADAPTERS, Decoded, Rejected
 from telemetry.chunks import chunks_admit, chunks_store
@@ -78,7 +79,8 @@ class BatchResult:
     children_registered: int = 0
     chunks: int = 0
     conflicts: int = 0
-    # device id -> (time, {metric: value}) of its newest reading in this batch
+    # device id -> (time, {metric: value}) of its newest reading in this batch (after ingest_batch:
+    # only of devices that feed an asset)
     latest: dict[int, tuple[datetime, dict[str, float]]] = field(default_factory=dict)
     completed_transactions: list[int] = field(default_factory=list)
 
@@ -103,6 +105,9 @@ def ingest_batch(*, messages: Sequence[IncomingMessage], profiles: ProfileCache)
         registered = resolve_children(prepared, schema, profiles)
         admissions = chunks_admit([p for p in prepared if p.status == RawStatus.CHUNK])
         result, inserted = _write(prepared)
+        # Only devices that feed an asset have alerts or scores to evaluate: without this, every
+        # batch queued a Celery task, in line with the reassemblies, that found nothing to do.
+        result.latest = {device_id: result.latest[device_id] for device_id in linked_devices(list(result.latest))}
         result.children_registered = len(registered)
         result.completed_transactions = chunks_store(admissions, inserted)
     # Only now are the new children real for other transactions too.
@@ -385,6 +390,14 @@ def _insert_history(rows: list[tuple[datetime, int, str, float, int]]) -> int:
         return cursor.rowcount
 
 
+# (schema, device id) -> the last_seen slot this process last wrote. A device heard from again in
+# the same slot needs no statement at all: without this, each reassembly's UPDATE looked up all
+# 2000 children to change none of them. (Another process may have written a later time in the
+# slot; last_seen then lags by up to two resolutions.)
+_last_seen_slots: dict[tuple[str, int], int] = {}
+LAST_SEEN_MEMORY = 500_000
+
+
 def write_readings(
     readings: Sequence[tuple[int, datetime, dict[str, float], int]],
     result: BatchResult,
@@ -422,13 +435,20 @@ def write_readings(
         # cost more than the readings themselves. Devices are grouped by time slot (one
         # statement per slot, with a plain id array: binding thousands of timestamps is slow).
         resolution = float(settings.ARGUS_LAST_SEEN_RESOLUTION_SECONDS)
+        schema = current_schema()
         slots: dict[int, tuple[datetime, list[int]]] = {}
         for device_id, heard in seen.items():
             slot = int(heard.timestamp() // resolution) if resolution > 0 else 0
+            if resolution > 0 and _last_seen_slots.get((schema, device_id)) == slot:
+                continue
             slot_time, ids = slots.get(slot, (heard, []))
             ids.append(device_id)
             slots[slot] = (max(slot_time, heard), ids)
-        for heard, ids in slots.values():
+        if len(_last_seen_slots) > LAST_SEEN_MEMORY:
+            _last_seen_slots.clear()
+        for slot, (heard, ids) in slots.items():
+            if resolution > 0:
+                _last_seen_slots.update(((schema, device_id), slot) for device_id in ids)
             id_array = bigint_array(ids)
             cursor.execute(
                 "UPDATE devices SET last_seen = %s WHERE id = ANY(%s::bigint[]) "
