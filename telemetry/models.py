@@ -50,11 +50,12 @@ class TelemetryRaw(models.Model):
         constraints = [models.UniqueConstraint(fields=["ingest_key"], name="telemetry_raw_ingest_key_uniq")]
         indexes = [
             models.Index(fields=["device", "-received_at"], name="telemetry_raw_device_recv_idx"),
-            # Accepted rows are the bulk and are found by device; only the others by status.
+            # Accepted rows and chunks are the bulk and are found by device (chunks through their
+            # transaction); only the others, rejected and ignored, by status.
             models.Index(
                 fields=["status", "-received_at"],
-                name="telemetry_raw_status_recv_idx",
-                condition=~Q(status="accepted"),
+                name="telemetry_raw_status_idx",
+                condition=~Q(status__in=["accepted", "chunk"]),
             ),
         ]
 
