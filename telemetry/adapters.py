@@ -51,13 +51,18 @@ class Decoded:
     chunk: ChunkInfo | None = None
 
 
+# A tuple, not `int | float`: that expression builds a new union object at every call, and
+# these checks run for every value of every reading.
+NUMBER = (int, float)
+
+
 def parse_time(value: Any, received_at: datetime, where: str) -> datetime:
     """A reading time from epoch milliseconds or RFC 3339; the receive time when absent."""
     if value is None:
         return received_at
     if isinstance(value, bool):
         raise Rejected(f"{where}ts must be epoch milliseconds or an RFC 3339 string")
-    if isinstance(value, int | float):
+    if isinstance(value, NUMBER):
         if not math.isfinite(value):
             raise Rejected(f"{where}ts is not a finite number")
         try:
@@ -81,7 +86,7 @@ def parse_values(values: Any, where: str) -> dict[str, float]:
         raise Rejected(f"{where}values must be a non-empty object of metric: number")
     parsed: dict[str, float] = {}
     for key, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if isinstance(value, bool) or not isinstance(value, NUMBER):
             raise Rejected(f"{where}values.{key} is not a number")
         number = float(value)
         if not math.isfinite(number):

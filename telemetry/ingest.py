@@ -409,13 +409,16 @@ def write_readings(
     time we last heard from it (updated with the readings' own times).
     """
     rows: list[tuple[datetime, int, str, float, int]] = []
+    add_row = rows.append  # per reading, in a plain loop: a generator per reading cost more
+    latest = result.latest
     for device_id, time, values, raw_id in readings:
-        rows.extend((time, device_id, metric, value, raw_id) for metric, value in values.items())
-        newest = result.latest.get(device_id)
+        for metric, value in values.items():
+            add_row((time, device_id, metric, value, raw_id))
+        newest = latest.get(device_id)
         if newest is None:
-            result.latest[device_id] = (time, values)  # never mutated: merges below make new dicts
+            latest[device_id] = (time, values)  # never mutated: merges below make new dicts
         elif newest[0] <= time:
-            result.latest[device_id] = (time, {**newest[1], **values})
+            latest[device_id] = (time, {**newest[1], **values})
     if rows:
         written = _insert_history(rows)
         result.readings += written
