@@ -179,17 +179,26 @@ def child_pids(pid: int) -> list[int]:
         return []
 
 
-def postgres_pids() -> list[int]:
-    """Every PostgreSQL server process on this machine (their CPU is the database's share)."""
-    pids = []
+def postgres_cpu_seconds() -> float:
+    """CPU seconds of every PostgreSQL server process so far, those that have exited included.
+
+    Backends come and go during a run: the postmaster's reaped-children times (cutime, cstime)
+    hold the CPU of those that exited, the live processes their own.
+    """
+    total = 0.0
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if (entry / "comm").read_text().strip() in ("postgres", "postmaster"):
-                    pids.append(int(entry.name))
-            except OSError:
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() not in ("postgres", "postmaster"):
                 continue
-    return pids
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+            parent = Path(f"/proc/{fields[1]}/comm").read_text().strip()
+        except OSError:
+            continue
+        times = [int(f) for f in fields[11:15]]  # utime, stime, cutime, cstime
+        total += sum(times if parent not in ("postgres", "postmaster") else times[:2]) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def endpoint_report(base_id: int, prefix: str, result: SimulatorResult | None) -> dict[str, Any]:
@@ -294,7 +303,6 @@ def main() -> int:
                 "bridge": [pipeline.bridge.pid],
                 "ingest": [p.pid for p in pipeline.ingesters],
                 "worker": [worker.pid, *child_pids(worker.pid)],
-                "postgres": postgres_pids(),
                 "mosquitto": [broker.pid],
                 "nats": [nats.pid],
             }
@@ -317,6 +325,7 @@ def main() -> int:
             daemon=True,
         )
         sampler.mark_start()
+        postgres_start = postgres_cpu_seconds()
         if endpoint_rate > 0:
             endpoint_load.start()
         prefix = f"{run_id}-L"
@@ -324,6 +333,7 @@ def main() -> int:
             config(prefix, rate=tx_rate * chunks, seconds=seconds, processes=2 if tx_rate * chunks > 1500 else 1)
         )
         sampler.mark_end()
+        postgres_cores = (postgres_cpu_seconds() - postgres_start) / (sampler.ended_at - sampler.started_at)
         log(result.summary_line())
         if endpoint_rate > 0:
             endpoint_load.join()
@@ -346,6 +356,7 @@ def main() -> int:
             "worker_concurrency": int(concurrency),
             **endpoint_report(base_id, f"{run_id}-E-", endpoint_result[0] if endpoint_result else None),
             **{f"cpu_cores_{name}": round(sampler.cores(name), 2) for name in sampler.groups},
+            "cpu_cores_postgres": round(postgres_cores, 2),
             "cpu_cores_machine": round(sampler.machine_cores(), 2),
             "autovacuum": autovacuum,
         }
