@@ -305,6 +305,7 @@ def main() -> int:
                 "worker": [worker.pid, *child_pids(worker.pid)],
                 "mosquitto": [broker.pid],
                 "nats": [nats.pid],
+                "load_generator": [os.getpid()],  # this process: both simulators and the sampler
             }
         )
         endpoint_result: list[SimulatorResult] = []

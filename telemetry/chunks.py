@@ -40,6 +40,7 @@ class Admission:
     item: Prepared
     transaction_pk: int
     index: int
+    stored_before: int  # chunks of its transaction already stored when the lock was taken
 
 
 def chunks_admit(items: list[Prepared]) -> list[Admission]:
@@ -96,6 +97,7 @@ def chunks_admit(items: list[Prepared]) -> list[Admission]:
         present: dict[int, set[int]] = {}
         for tx_pk, index in cursor.fetchall():
             present.setdefault(tx_pk, set()).add(index)
+    stored_before = {tx_pk: len(indexes) for tx_pk, indexes in present.items()}
 
     admissions: list[Admission] = []
     late: set[int] = set()
@@ -119,7 +121,9 @@ def chunks_admit(items: list[Prepared]) -> list[Admission]:
             item.set_outcome(RawStatus.IGNORED, f"chunk {chunk.index} of {tx_id} was already received")
         else:
             have.add(chunk.index)
-            admissions.append(Admission(item=item, transaction_pk=tx_pk, index=chunk.index))
+            admissions.append(
+                Admission(item=item, transaction_pk=tx_pk, index=chunk.index, stored_before=stored_before.get(tx_pk, 0))
+            )
     if late:
         transactions_expire(transaction_pks=sorted(late))
     return admissions
@@ -149,16 +153,23 @@ def chunks_store(admissions: list[Admission], inserted: dict[str, int]) -> list[
                         received + timedelta(seconds=a.item.device_type.chunk_ttl_seconds),
                     )
                 )
+        # The count is what was there under the lock plus what this batch stored: exact, since
+        # the lock (held until commit) keeps every other writer of the transaction's chunks out,
+        # and cheaper than counting the chunk rows again.
+        counts: dict[int, tuple[int, datetime]] = {}
+        for a in stored:
+            count, last = counts.get(a.transaction_pk, (a.stored_before, a.item.message.received_at))
+            counts[a.transaction_pk] = (count + 1, max(last, a.item.message.received_at))
+        pks = sorted(counts)
         cursor.execute(
             """
             UPDATE telemetry_transactions t
-            SET received_chunks = c.n, last_chunk_at = greatest(t.last_chunk_at, c.last)
-            FROM (SELECT transaction_id, count(*) AS n, max(received_at) AS last FROM telemetry_chunks
-                  WHERE transaction_id = ANY(%s) GROUP BY transaction_id) AS c
-            WHERE t.id = c.transaction_id
+            SET received_chunks = v.n, last_chunk_at = greatest(t.last_chunk_at, v.last)
+            FROM unnest(%s::bigint[], %s::int[], %s::timestamptz[]) AS v(id, n, last)
+            WHERE t.id = v.id
             RETURNING t.id, t.received_chunks, t.expected_chunks
             """,
-            [sorted({a.transaction_pk for a in stored})],
+            [pks, [counts[pk][0] for pk in pks], [counts[pk][1] for pk in pks]],
         )
         return [tx_pk for tx_pk, received, expected in cursor.fetchall() if received == expected]
 
