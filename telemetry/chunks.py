@@ -223,8 +223,8 @@ def transaction_reassemble(*, transaction_pk: int, profiles: ProfileCache) -> Re
 
     schema = current_schema()
     with transaction.atomic():
-        # of=("self",): locking the joined device row too would make every chunk ingest takes for
-        # that gateway (its foreign-key checks) wait for this whole reassembly.
+        # of=("self",): locking the joined device row as well made ingest of the gateway's next
+        # chunks wait for the whole reassembly (their foreign-key checks share-lock that row).
         tx = (
             TelemetryTransaction.objects.select_for_update(of=("self",))
             .select_related("device")
