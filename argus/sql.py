@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+
+from django.db.backends.utils import CursorWrapper
 
 
 def bigint_array(ids: Iterable[int]) -> str:
@@ -13,3 +15,18 @@ def bigint_array(ids: Iterable[int]) -> str:
     """
     # A bound string, not SQL: whatever it held could at worst be a malformed array.
     return "{" + ",".join(map(str, ids)) + "}"
+
+
+def copy_rows(
+    cursor: CursorWrapper, table: str, columns: str, types: Sequence[str], rows: Iterable[Sequence[object]]
+) -> None:
+    """COPY rows into `table` (its `columns`, comma-separated) in binary format.
+
+    With declared types psycopg formats each row in C: ~6x less CPU than text rows (0.7 vs 4.2 ms
+    per 2000 readings, measured in issue 4). Each value must match its type exactly (a float for
+    float8, an int for int8).
+    """
+    with cursor.cursor.copy(f"COPY {table} ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
+        copy.set_types(list(types))
+        for row in rows:
+            copy.write_row(row)

@@ -20,6 +20,7 @@ from django.utils import timezone
 from prometheus_client import Counter
 
 from argus.registry import current_schema
+from argus.sql import copy_rows
 from devices.models import ProcessingMode
 from telemetry.adapters import ADAPTERS, Decoded, Rejected
 from telemetry.models import RawStatus, TelemetryTransaction, TransactionStatus
@@ -134,25 +135,22 @@ def chunks_store(admissions: list[Admission], inserted: dict[str, int]) -> list[
     stored = [a for a in admissions if a.item.ingest_key in inserted]
     if not stored:
         return []
+    rows = []
+    for a in stored:
+        received = a.item.message.received_at
+        assert a.item.device_type is not None
+        ttl = timedelta(seconds=a.item.device_type.chunk_ttl_seconds)
+        rows.append(
+            (a.transaction_pk, a.index, a.item.message.payload, inserted[a.item.ingest_key], received, received + ttl)
+        )
     with connection.cursor() as cursor:
-        with cursor.cursor.copy(
-            "COPY telemetry_chunks (transaction_id, chunk_index, payload, raw_id, received_at, expires_at) "
-            "FROM STDIN (FORMAT BINARY)"
-        ) as copy:
-            copy.set_types(["int8", "int4", "bytea", "int8", "timestamptz", "timestamptz"])
-            for a in stored:
-                received = a.item.message.received_at
-                assert a.item.device_type is not None
-                copy.write_row(
-                    (
-                        a.transaction_pk,
-                        a.index,
-                        a.item.message.payload,
-                        inserted[a.item.ingest_key],
-                        received,
-                        received + timedelta(seconds=a.item.device_type.chunk_ttl_seconds),
-                    )
-                )
+        copy_rows(
+            cursor,
+            "telemetry_chunks",
+            "transaction_id, chunk_index, payload, raw_id, received_at, expires_at",
+            ["int8", "int4", "bytea", "int8", "timestamptz", "timestamptz"],
+            rows,
+        )
         # The count is what was there under the lock plus what this batch stored: exact, since
         # the lock (held until commit) keeps every other writer of the transaction's chunks out,
         # and cheaper than counting the chunk rows again.
