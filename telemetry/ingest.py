@@ -24,7 +24,7 @@ from devices.models import DeviceRole, DeviceStatus, ProcessingMode
 from telemetry.adapters import ADAPTERS, Decoded, Rejected
 from telemetry.chunks import chunks_admit, chunks_store
 from telemetry.models import RawStatus
-from telemetry.profiles import DeviceProfile, ProfileCache, TypeProfile
+from telemetry.profiles import DEVICE_PROFILE_FIELDS, DeviceProfile, ProfileCache, TypeProfile
 
 log = logging.getLogger(__name__)
 
@@ -245,9 +245,7 @@ def _register_children(schema: str, to_register: dict[str, Prepared]) -> list[De
             ],
         )
         cursor.execute(
-            "SELECT id, logical_identifier, device_type_id, parent_device_id, device_role, status "
-            "FROM devices WHERE logical_identifier = ANY(%s)",
-            [ids],
+            f"SELECT {', '.join(DEVICE_PROFILE_FIELDS)} FROM devices WHERE logical_identifier = ANY(%s)", [ids]
         )
         profiles = [DeviceProfile(*row) for row in cursor.fetchall()]
         cursor.execute(

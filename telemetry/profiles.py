@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
 from django.core.cache import cache
@@ -83,8 +83,8 @@ def _fields(profile: TypeProfile) -> dict[str, Any]:
     return values
 
 
-# Device columns in DeviceProfile's field order.
-DEVICE_PROFILE_FIELDS = ("id", "logical_identifier", "device_type_id", "parent_device_id", "device_role", "status")
+# Device columns in DeviceProfile's field order (its fields are named after them).
+DEVICE_PROFILE_FIELDS = tuple(f.name for f in fields(DeviceProfile))
 
 
 def device_profile_of(device: Device) -> DeviceProfile:
