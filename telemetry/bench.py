@@ -412,6 +412,55 @@ def history_counts(raw_ids: Sequence[int], since_ms: float) -> dict[int, int]:
         return {raw_id: count for raw_id, count in cursor.fetchall() if raw_id in wanted}
 
 
+# The server settings that decide how PostgreSQL copes with tens of thousands of readings a
+# second: whether the hot index pages stay in its buffers, and how often checkpoints come.
+POSTGRES_SETTINGS = ("shared_buffers", "max_wal_size", "checkpoint_timeout", "wal_compression", "autovacuum")
+
+
+@dataclass(frozen=True)
+class PostgresActivity:
+    """Cumulative server-wide WAL and checkpoint counters at one moment."""
+
+    wal_bytes: int
+    wal_fpi: int
+    checkpoints_timed: int
+    checkpoints_requested: int
+
+    def since(self, start: PostgresActivity, seconds: float) -> dict[str, Any]:
+        """What happened between `start` and this snapshot, for a benchmark report."""
+        return {
+            "pg_wal_mb_per_s": round((self.wal_bytes - start.wal_bytes) / seconds / 2**20, 1),
+            # Full-page images: the first change of a page after each checkpoint logs all 8 kB of it.
+            "pg_wal_full_page_images_per_s": round((self.wal_fpi - start.wal_fpi) / seconds),
+            "pg_checkpoints_timed": self.checkpoints_timed - start.checkpoints_timed,
+            # Requested: started because max_wal_size filled up (or asked for), not by the clock.
+            "pg_checkpoints_requested": self.checkpoints_requested - start.checkpoints_requested,
+        }
+
+
+def postgres_activity() -> PostgresActivity:
+    """Snapshot of pg_stat_wal and the checkpoint counters (PostgreSQL 14+)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT wal_bytes, wal_fpi FROM pg_stat_wal")
+        wal_bytes, wal_fpi = cursor.fetchone()
+        if connection.pg_version >= 170000:  # checkpoints moved to their own view in 17
+            cursor.execute("SELECT num_timed, num_requested FROM pg_stat_checkpointer")
+        else:
+            cursor.execute("SELECT checkpoints_timed, checkpoints_req FROM pg_stat_bgwriter")
+        timed, requested = cursor.fetchone()
+    return PostgresActivity(int(wal_bytes), int(wal_fpi), int(timed), int(requested))
+
+
+def postgres_settings() -> dict[str, str]:
+    """The POSTGRES_SETTINGS of the server the benchmark writes to, as `pg_<name>`."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT name, current_setting(name) FROM pg_settings WHERE name = ANY(%s)", [list(POSTGRES_SETTINGS)]
+        )
+        found = dict(cursor.fetchall())
+    return {f"pg_{name}": found.get(name, "?") for name in POSTGRES_SETTINGS}
+
+
 def percentile(sorted_values: Sequence[float], fraction: float) -> float:
     """Nearest-rank percentile of already sorted values (0 for none)."""
     if not sorted_values:

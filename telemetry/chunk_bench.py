@@ -11,7 +11,11 @@ receiving the last chunk to the reassembly writing every reading. The last line 
 Endpoint traffic flows at the same time (BENCH_ENDPOINT_RATE messages/s of 4 readings from
 BENCH_ENDPOINT_DEVICES devices); its latency (device ts to stored_at) and losses are reported too.
 Before the measured run the churned tables of tenant `bench` are vacuumed, as autovacuum would
-have done (the report says whether autovacuum is on: it is off on our CI machine's PostgreSQL).
+have done (it is off on our CI machine's PostgreSQL). The report gives PostgreSQL's settings that
+matter at this write rate (`pg_shared_buffers`, `pg_max_wal_size`, ...) and what its WAL did in
+the measured window: MB/s, full-page images/s and checkpoints, timed or requested (started
+because max_wal_size filled up). Requested checkpoints every few seconds mean every hot index
+page is logged whole again after each: those are the latency spikes (BENCHMARKS.md).
 
 Environment: BENCH_TX_RATE (transactions/s; 20), BENCH_SECONDS (20), BENCH_GATEWAYS (20),
 BENCH_WORKER_CONCURRENCY (2), BENCH_INGESTERS (1), BENCH_BEACON_METRICS (readings per beacon: 1, as
@@ -52,6 +56,8 @@ from telemetry.bench import (  # noqa: E402
     ensure_bench_devices,
     max_raw_id,
     percentile,
+    postgres_activity,
+    postgres_settings,
     start_pipeline,
     stop_pipeline,
     stored_rows,
@@ -161,14 +167,11 @@ def wait_done(prefix: str, expected: int, timeout: float) -> list[tuple[str, flo
     return rows
 
 
-def vacuum_churned_tables() -> str:
-    """VACUUM what the benchmark churns in tenant `bench`; returns the autovacuum setting."""
+def vacuum_churned_tables() -> None:
+    """VACUUM what the benchmark churns in tenant `bench`."""
     with schema_context(SCHEMA), connection.cursor() as cursor:
-        cursor.execute("SHOW autovacuum")
-        autovacuum = str(cursor.fetchone()[0])
         for table in CHURNED_TABLES:
             cursor.execute(f"VACUUM (ANALYZE) {table}")
-    return autovacuum
 
 
 def child_pids(pid: int) -> list[int]:
@@ -292,7 +295,7 @@ def main() -> int:
             raise RuntimeError("warm-up transactions did not complete")
         if endpoint_rate > 0:
             run_simulation(config(f"{run_id}-EW-", devices=endpoints, mode="endpoint", messages=len(endpoints)))
-        autovacuum = vacuum_churned_tables()
+        vacuum_churned_tables()
         log(
             f"warm; offering {tx_rate:g} transactions/s ({tx_rate * chunks:g} msgs/s) and {endpoint_rate:g} "
             f"endpoint msgs/s for {seconds:g} s"
@@ -327,6 +330,7 @@ def main() -> int:
         )
         sampler.mark_start()
         postgres_start = postgres_cpu_seconds()
+        activity_start = postgres_activity()
         if endpoint_rate > 0:
             endpoint_load.start()
         prefix = f"{run_id}-L"
@@ -334,7 +338,9 @@ def main() -> int:
             config(prefix, rate=tx_rate * chunks, seconds=seconds, processes=2 if tx_rate * chunks > 1500 else 1)
         )
         sampler.mark_end()
-        postgres_cores = (postgres_cpu_seconds() - postgres_start) / (sampler.ended_at - sampler.started_at)
+        window = sampler.ended_at - sampler.started_at
+        postgres_cores = (postgres_cpu_seconds() - postgres_start) / window
+        activity = postgres_activity().since(activity_start, window)
         log(result.summary_line())
         if endpoint_rate > 0:
             endpoint_load.join()
@@ -359,7 +365,8 @@ def main() -> int:
             **{f"cpu_cores_{name}": round(sampler.cores(name), 2) for name in sampler.groups},
             "cpu_cores_postgres": round(postgres_cores, 2),
             "cpu_cores_machine": round(sampler.machine_cores(), 2),
-            "autovacuum": autovacuum,
+            **activity,
+            **postgres_settings(),
         }
         print(json.dumps(report), flush=True)
         code = 0 if statuses.get("complete") == sent_tx else 1
