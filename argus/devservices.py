@@ -34,6 +34,7 @@ from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RUN_DIR = PROJECT_ROOT / ".run"  # git-ignored; ARGUS_RUN_DIR overrides it (tests use a temp dir)
 MOSQUITTO_CONF = PROJECT_ROOT / "docker" / "mosquitto" / "mosquitto.conf"
+POSTGRES_CONF = PROJECT_ROOT / "docker" / "postgres" / "argus.conf"
 PID_FILE_NAME = "devservices.pid"
 
 DEFAULT_URLS: dict[str, str] = {
@@ -612,6 +613,20 @@ def _check_traversable(path: Path, uid: int) -> None:
             )
 
 
+def postgres_settings(source: Path | None = None) -> dict[str, str]:
+    """The shipped PostgreSQL settings (`name = value` lines of docker/postgres/argus.conf)."""
+    found: dict[str, str] = {}
+    for number, line in enumerate((source or POSTGRES_CONF).read_text(encoding="utf-8").splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        name, equals, value = line.partition("=")
+        if not equals or not name.strip() or not value.strip():
+            raise DevServiceError(f"postgres: {source or POSTGRES_CONF}:{number}: expected `name = value`")
+        found[name.strip()] = value.strip().strip("'")
+    return found
+
+
 def start_postgres(
     port: int | None = None,
     workdir: Path | None = None,
@@ -623,7 +638,10 @@ def start_postgres(
     settings: Mapping[str, str] | None = None,
     timeout: float = 60.0,
 ) -> ServerHandle:
-    """Start PostgreSQL (initdb with trust auth on first use) on host:port; create dbname."""
+    """Start PostgreSQL (initdb with trust auth on first use) on host:port; create dbname.
+
+    Runs with the shipped settings (docker/postgres/argus.conf), then `settings` on top.
+    """
     bindir = _postgres_bindir()
     port = _claim_port("postgres", bind_host(host), port)
     workdir, owned = _make_workdir("postgres", workdir)
@@ -663,7 +681,7 @@ def start_postgres(
         "-c", f"listen_addresses={listen}",
         "-c", f"unix_socket_directories={socket_dir}",
     ]  # fmt: skip
-    for key, value in (settings or {}).items():
+    for key, value in {**postgres_settings(), **(settings or {})}.items():
         argv += ["-c", f"{key}={value}"]
     auth = user + (f":{password}" if password else "")
     url = f"postgresql://{auth}@{connect_host(listen)}:{port}/{dbname}"

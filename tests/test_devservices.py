@@ -135,9 +135,23 @@ def test_it_runs_postgres_and_creates_the_database(shared_tmp: Path) -> None:
         assert server.url.endswith("/argus_test")
         with psycopg.connect(server.url) as conn:
             assert conn.execute("select 1").fetchone() == (1,)
+            # The shipped settings (docker/postgres/argus.conf), with the caller's on top.
+            assert conn.execute("show max_wal_size").fetchone() == ("8GB",)
+            assert conn.execute("show shared_buffers").fetchone() == ("1GB",)
+            assert conn.execute("show fsync").fetchone() == ("off",)
         # Creating it again is a no-op.
         assert devservices.ensure_database(server.url) is False
     assert not port_open("127.0.0.1", server.port)
+
+
+def test_it_reads_the_shipped_postgres_settings(tmp_path: Path) -> None:
+    assert devservices.postgres_settings()["max_wal_size"] == "8GB"
+    conf = tmp_path / "pg.conf"
+    conf.write_text("# comment\n\nwork_mem = '64MB'  # why\nautovacuum=on\n")
+    assert devservices.postgres_settings(conf) == {"work_mem": "64MB", "autovacuum": "on"}
+    conf.write_text("shared_buffers\n")
+    with pytest.raises(DevServiceError, match=r"pg\.conf:1: expected `name = value`"):
+        devservices.postgres_settings(conf)
 
 
 def test_it_names_the_package_when_a_binary_is_missing() -> None:
