@@ -190,7 +190,7 @@ ARGUS_MAX_PAYLOAD_BYTES = env_int("ARGUS_MAX_PAYLOAD_BYTES", 256 * 1024)
 # Readings whose timestamp is further than this from the receive time are rejected.
 ARGUS_MAX_FUTURE_SECONDS = env_int("ARGUS_MAX_FUTURE_SECONDS", 24 * 3600)
 ARGUS_MAX_PAST_SECONDS = env_int("ARGUS_MAX_PAST_SECONDS", 365 * 24 * 3600)
-# devices.last_seen and assets.last_telemetry_at are kept to within this many seconds.
+# devices.last_seen and assets.last_telemetry_at are rewritten about once per this many seconds.
 ARGUS_LAST_SEEN_RESOLUTION_SECONDS = env_float("ARGUS_LAST_SEEN_RESOLUTION_SECONDS", 30.0)
 # Daily partitions of telemetry_history created ahead of time.
 ARGUS_PARTITION_DAYS_AHEAD = env_int("ARGUS_PARTITION_DAYS_AHEAD", 7)
