@@ -441,9 +441,9 @@ class PostgresActivity:
 def postgres_activity() -> PostgresActivity:
     """Snapshot of pg_stat_wal and the checkpoint counters (PostgreSQL 14+)."""
     with connection.cursor() as cursor:
-        cursor.execute("SELECT wal_bytes, wal_fpi FROM pg_stat_wal")
-        wal_bytes, wal_fpi = cursor.fetchone()
-        if connection.pg_version >= 170000:  # checkpoints moved to their own view in 17
+        cursor.execute("SELECT wal_bytes, wal_fpi, current_setting('server_version_num')::int FROM pg_stat_wal")
+        wal_bytes, wal_fpi, version = cursor.fetchone()
+        if version >= 170000:  # checkpoints moved to their own view in 17
             cursor.execute("SELECT num_timed, num_requested FROM pg_stat_checkpointer")
         else:
             cursor.execute("SELECT checkpoints_timed, checkpoints_req FROM pg_stat_bgwriter")
