@@ -451,7 +451,7 @@ def postgres_activity() -> PostgresActivity:
     return PostgresActivity(int(wal_bytes), int(wal_fpi), int(timed), int(requested))
 
 
-def postgres_settings() -> dict[str, str]:
+def postgres_server_settings() -> dict[str, str]:
     """The POSTGRES_SETTINGS of the server the benchmark writes to, as `pg_<name>`."""
     with connection.cursor() as cursor:
         cursor.execute(

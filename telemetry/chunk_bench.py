@@ -14,8 +14,9 @@ Before the measured run the churned tables of tenant `bench` are vacuumed, as au
 have done (it is off on our CI machine's PostgreSQL). The report gives PostgreSQL's settings that
 matter at this write rate (`pg_shared_buffers`, `pg_max_wal_size`, ...) and what its WAL did in
 the measured window: MB/s, full-page images/s and checkpoints, timed or requested (started
-because max_wal_size filled up). Requested checkpoints every few seconds mean every hot index
-page is logged whole again after each: those are the latency spikes (BENCHMARKS.md).
+because max_wal_size filled up). After every checkpoint each hot index page is logged whole
+again: those are the latency spikes, one every ~20 s with a stock max_wal_size at 20
+transactions/s (BENCHMARKS.md).
 
 Environment: BENCH_TX_RATE (transactions/s; 20), BENCH_SECONDS (20), BENCH_GATEWAYS (20),
 BENCH_WORKER_CONCURRENCY (2), BENCH_INGESTERS (1), BENCH_BEACON_METRICS (readings per beacon: 1, as
@@ -57,7 +58,7 @@ from telemetry.bench import (  # noqa: E402
     max_raw_id,
     percentile,
     postgres_activity,
-    postgres_settings,
+    postgres_server_settings,
     start_pipeline,
     stop_pipeline,
     stored_rows,
@@ -366,7 +367,7 @@ def main() -> int:
             "cpu_cores_postgres": round(postgres_cores, 2),
             "cpu_cores_machine": round(sampler.machine_cores(), 2),
             **activity,
-            **postgres_settings(),
+            **postgres_server_settings(),
         }
         print(json.dumps(report), flush=True)
         code = 0 if statuses.get("complete") == sent_tx else 1
