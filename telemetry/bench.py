@@ -33,6 +33,7 @@ from urllib.parse import urlparse, urlunparse
 
 import redis
 from django.conf import settings
+from django.core.management import call_command
 from django.db import connection, transaction
 from django_tenants.utils import schema_context
 
@@ -102,6 +103,12 @@ class BenchSettings:
 
 
 # --------------------------------------------------------------------------- tenant and devices
+
+
+def migrate_database(log: Callable[[str], None]) -> None:
+    """Bring the public schema and every tenant's up to date, as `make demo` does (a no-op when they are)."""
+    log("migrating the database (public and every tenant schema)")
+    call_command("migrate_schemas", interactive=False, verbosity=0)
 
 
 def ensure_bench_devices(bench: BenchSettings, log: Callable[[str], None]) -> list[str]:
@@ -518,6 +525,7 @@ class Bench:
         return config
 
     def run(self) -> dict[str, Any]:
+        migrate_database(self.log)
         devices = ensure_bench_devices(self.bench, self.log)
         log_dir = Path(settings.BASE_DIR) / ".run" / "bench" / self.run_id
         log_dir.mkdir(parents=True, exist_ok=True)

@@ -56,6 +56,7 @@ from telemetry.bench import (  # noqa: E402
     ProcSampler,
     ensure_bench_devices,
     max_raw_id,
+    migrate_database,
     percentile,
     postgres_activity,
     postgres_server_settings,
@@ -224,6 +225,7 @@ def endpoint_report(base_id: int, prefix: str, result: SimulatorResult | None) -
 def main() -> int:
     tx_rate = float(os.environ.get("BENCH_TX_RATE", "20"))
     seconds = float(os.environ.get("BENCH_SECONDS", "20"))
+    migrate_database(log)
     gateways = ensure_gateways(int(os.environ.get("BENCH_GATEWAYS", "20")))
     endpoint_rate = float(os.environ.get("BENCH_ENDPOINT_RATE", "1000"))
     endpoints = ensure_bench_devices(
