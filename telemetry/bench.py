@@ -37,7 +37,7 @@ from django.core.management import call_command
 from django.db import connection, transaction
 from django_tenants.utils import schema_context
 
-from argus.devservices import ServerHandle, start_mosquitto, start_nats
+from argus.devservices import ServerHandle, postgres_settings, start_mosquitto, start_nats
 from argus.models import Domain, Organization
 from argus.registry import registry_sync
 from devices.models import Device, DeviceRole, DeviceType, ProcessingMode
@@ -419,11 +419,6 @@ def history_counts(raw_ids: Sequence[int], since_ms: float) -> dict[int, int]:
         return {raw_id: count for raw_id, count in cursor.fetchall() if raw_id in wanted}
 
 
-# The server settings that decide how PostgreSQL copes with tens of thousands of readings a
-# second: whether the hot index pages stay in its buffers, and how often checkpoints come.
-POSTGRES_SETTINGS = ("shared_buffers", "max_wal_size", "checkpoint_timeout", "wal_compression", "autovacuum")
-
-
 @dataclass(frozen=True)
 class PostgresActivity:
     """Cumulative server-wide WAL and checkpoint counters at one moment."""
@@ -459,13 +454,13 @@ def postgres_activity() -> PostgresActivity:
 
 
 def postgres_server_settings() -> dict[str, str]:
-    """The POSTGRES_SETTINGS of the server the benchmark writes to, as `pg_<name>`."""
+    """The server's values of the settings we ship (docker/postgres/argus.conf), as `pg_<name>`:
+    they decide how often checkpoints come and whether the hot index pages stay in its buffers."""
+    names = list(postgres_settings())
     with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT name, current_setting(name) FROM pg_settings WHERE name = ANY(%s)", [list(POSTGRES_SETTINGS)]
-        )
+        cursor.execute("SELECT name, current_setting(name) FROM pg_settings WHERE name = ANY(%s)", [names])
         found = dict(cursor.fetchall())
-    return {f"pg_{name}": found.get(name, "?") for name in POSTGRES_SETTINGS}
+    return {f"pg_{name}": found.get(name, "?") for name in names}
 
 
 def percentile(sorted_values: Sequence[float], fraction: float) -> float:
