@@ -10,8 +10,10 @@ from argus.settings import CACHES, REDIS_URL
 
 # Tests use their own Redis database, so cached profiles and queued tasks of a development
 # instance (whose tenant `demo` has other device ids) never meet the test database's.
+# ARGUS_TEST_REDIS_DB picks another, so two checkouts can run their suites side by side (with
+# DATABASE_URL naming different databases).
 _redis = urlparse(REDIS_URL)
-TEST_REDIS_URL = urlunparse(_redis._replace(path="/15"))
+TEST_REDIS_URL = urlunparse(_redis._replace(path="/" + os.environ.get("ARGUS_TEST_REDIS_DB", "15")))
 CACHES["default"]["LOCATION"] = TEST_REDIS_URL
 CELERY_BROKER_URL = TEST_REDIS_URL
 ARGUS_INGEST_BATCH_WAIT_SECONDS = 0.02
