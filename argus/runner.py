@@ -13,6 +13,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
+from django.conf import settings
 from prometheus_client import start_http_server
 
 from telemetry.profiles import Invalidatable, InvalidationListener
@@ -34,7 +35,7 @@ async def run_until_stopped(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     if metrics_port:
-        start_http_server(metrics_port, addr="127.0.0.1")
+        start_http_server(metrics_port, addr=settings.ARGUS_WORKER_METRICS_ADDR)
     await start()
     log.info("%s started metrics_port=%s", name, metrics_port or "off")
     steps = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,11 @@ def env_int(name: str, default: int) -> int:
     return int(env(name, str(default)))
 
 
+def env_list(name: str, default: str) -> list[str]:
+    """A comma-separated list setting."""
+    return [item.strip() for item in env(name, default).split(",") if item.strip()]
+
+
 def env_float(name: str, default: float) -> float:
     """A float setting."""
     return float(env(name, str(default)))
@@ -64,8 +70,41 @@ if not SECRET_KEY:
         raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off (see .env.example).")
     SECRET_KEY = "argus-insecure-development-key"  # noqa: S105 - debug/test only
 
-ALLOWED_HOSTS = [h.strip() for h in env("ALLOWED_HOSTS", "*").split(",") if h.strip()]
-CSRF_TRUSTED_ORIGINS = [o.strip() for o in env("CSRF_TRUSTED_ORIGINS", "").split(",") if o.strip()]
+# Host names this site answers for: tenants' domains (`.example.com` covers every subdomain)
+# and the platform admin's. `*` only in DEBUG or the test suite: elsewhere a forged Host header
+# could steer password-reset links and cache keys.
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "*" if DEBUG or TESTING else "localhost,127.0.0.1,[::1]")
+if "*" in ALLOWED_HOSTS and not (DEBUG or TESTING):
+    raise ImproperlyConfigured("ALLOWED_HOSTS=* is refused when DEBUG is off: list the host names (see .env.example).")
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", "")
+# The platform admin (tenants, domains, the device registry, API keys) answers only on these
+# host names; on any other host that reaches the public site, /admin/ is 404. `*` = any host
+# (the default in DEBUG only). Outside DEBUG the default is loopback: reach it through an SSH
+# tunnel or name its host here.
+ARGUS_PLATFORM_ADMIN_HOSTS = [
+    h.lower() for h in env_list("ARGUS_PLATFORM_ADMIN_HOSTS", "*" if DEBUG or TESTING else "127.0.0.1,[::1]")
+]
+# Prometheus scrapes /metrics with `Authorization: Bearer <ARGUS_METRICS_TOKEN>`. Without a
+# token, /metrics answers loopback clients only.
+ARGUS_METRICS_TOKEN = env("ARGUS_METRICS_TOKEN")
+
+# --- HTTPS (manage.py check --deploy passes with these defaults outside DEBUG) ---------------
+# Behind a TLS-terminating proxy, set ARGUS_TRUST_X_FORWARDED_PROTO=1 so Django knows a request
+# came over HTTPS (the proxy must overwrite X-Forwarded-Proto, never pass a client's through).
+if env_bool("ARGUS_TRUST_X_FORWARDED_PROTO", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+_HTTPS = env_bool("ARGUS_HTTPS", not (DEBUG or TESTING))
+SECURE_SSL_REDIRECT = _HTTPS
+# Probes and scrapers speak plain HTTP inside the deployment's network.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
+SESSION_COOKIE_SECURE = _HTTPS
+CSRF_COOKIE_SECURE = _HTTPS
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31_536_000 if _HTTPS else 0)
+# Tenant sites are subdomains of one name: all of them are HTTPS, or none is.
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", _HTTPS)
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
+# Preloading is a commitment to the browsers' list an operator makes for a domain, not a default.
+SILENCED_SYSTEM_CHECKS = ["security.W021"]
 
 # --- Services -------------------------------------------------------------------------------
 DATABASE_URL = env("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/argus")
@@ -104,6 +143,7 @@ SHARED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "drf_spectacular",
+    "axes",
     "bridge",
 ]
 # Users live in each tenant's schema: a tenant admin logs in at the tenant's own domain.
@@ -135,9 +175,28 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "argus.middleware.PlatformAdminHostMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: it turns a locked-out login into its lockout response.
+    "axes.middleware.AxesMiddleware",
 ]
+
+# --- Login throttling (django-axes) ------------------------------------------------------------
+# Failed admin logins are counted per (tenant + username, client address); after
+# ARGUS_LOGIN_FAILURE_LIMIT of them that pair is locked out for ARGUS_LOGIN_COOLOFF_MINUTES.
+# The records live in the public schema (axes is a shared app); the username is prefixed with
+# the tenant's schema, so a lockout in one tenant never locks out a same-named user of another.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env_int("ARGUS_LOGIN_FAILURE_LIMIT", 5)
+AXES_COOLOFF_TIME = timedelta(minutes=env_int("ARGUS_LOGIN_COOLOFF_MINUTES", 15))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_USERNAME_CALLABLE = "argus.middleware.tenant_scoped_username"
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_TEMPLATE = None
 
 TEMPLATES = [
     {
@@ -235,6 +294,9 @@ ARGUS_BRIDGE_CA = env("ARGUS_BRIDGE_CA", str(ARGUS_PKI_DIR / "ca.crt"))
 # Prometheus metrics ports of the long-running commands (0 = off).
 ARGUS_BRIDGE_METRICS_PORT = env_int("ARGUS_BRIDGE_METRICS_PORT", 9101)
 ARGUS_INGEST_METRICS_PORT = env_int("ARGUS_INGEST_METRICS_PORT", 9102)
+# Address those ports listen on: loopback unless a scraper elsewhere must reach them (the
+# compose file sets 0.0.0.0 inside its private network, where the ports are not published).
+ARGUS_WORKER_METRICS_ADDR = env("ARGUS_WORKER_METRICS_ADDR", "127.0.0.1")
 
 # --- Celery -------------------------------------------------------------------------------
 # Durable by default: a task is acknowledged after it ran, and one whose worker died is given

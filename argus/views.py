@@ -1,7 +1,11 @@
 """Operational views."""
 
+import hmac
+import ipaddress
+
+from django.conf import settings
 from django.db import connection
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 
@@ -13,5 +17,21 @@ def healthz(request: HttpRequest) -> JsonResponse:
 
 
 def metrics(request: HttpRequest) -> HttpResponse:
-    """Prometheus metrics of this web process."""
+    """Prometheus metrics of this web process: for the bearer of ARGUS_METRICS_TOKEN, or, when no
+    token is configured, for loopback clients only (404 to everyone else: not even its existence
+    is public)."""
+    if not metrics_allowed(request):
+        raise Http404("No metrics here.")
     return HttpResponse(generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST)
+
+
+def metrics_allowed(request: HttpRequest) -> bool:
+    """Whether this request may read /metrics."""
+    token = settings.ARGUS_METRICS_TOKEN
+    if token:
+        scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), token.encode())
+    try:
+        return ipaddress.ip_address(request.META.get("REMOTE_ADDR", "")).is_loopback
+    except ValueError:
+        return False

@@ -22,7 +22,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import ParseResult, urlparse
 
 import nats
 import paho.mqtt.client as mqtt
@@ -421,7 +421,7 @@ class MqttBridge:
             log.error("mqtt connect refused: %s", reason)
             return
         MQTT_CONNECTED.set(1)
-        log.info("mqtt connected url=%s session_present=%s", self.mqtt_url.geturl(), flags.session_present)
+        log.info("mqtt connected url=%s session_present=%s", redacted_url(self.mqtt_url), flags.session_present)
         client.subscribe(self.topic, qos=1)
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
@@ -461,6 +461,14 @@ def _split(
         envelopes[-1].append(item)
         size += length
     return envelopes
+
+
+def redacted_url(url: ParseResult) -> str:
+    """A URL fit for a log line: its password replaced by `***`."""
+    if url.password is None:
+        return url.geturl()
+    netloc = url.netloc.rsplit("@", 1)[1]
+    return url._replace(netloc=f"{url.username}:***@{netloc}").geturl()
 
 
 def _logical_id(message: mqtt.MQTTMessage) -> str:

@@ -138,12 +138,13 @@ def tenant_admin_client(persona: TenantPersona) -> Client:
     with schema_context(persona.schema):
         user_model = get_user_model()
         username = unique_id("admin")
-        user_model._default_manager.create_superuser(  # type: ignore[attr-defined]
+        user = user_model._default_manager.create_superuser(  # type: ignore[attr-defined]
             username=username, email=f"{username}@example.com", password="pw-for-tests"
         )
-        # Sessions live in the tenant's schema too, so log in while it is active.
+        # Sessions live in the tenant's schema too, so log in while it is active. (force_login:
+        # django-axes wants the request that Client.login does not pass to authenticate().)
         client = Client(HTTP_HOST=persona.host)
-        assert client.login(username=username, password="pw-for-tests")
+        client.force_login(user)
     return client
 
 

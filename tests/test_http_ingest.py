@@ -452,11 +452,11 @@ def test_it_documents_the_endpoint_in_the_openapi_schema(db: None) -> None:
 def test_it_lists_and_revokes_keys_in_the_platform_admin_without_showing_them(device: Device) -> None:
     api_key, key = api_key_create(logical_id=device.logical_identifier)
     connection.set_schema_to_public()
-    get_user_model()._default_manager.create_superuser(  # type: ignore[attr-defined]
+    user = get_user_model()._default_manager.create_superuser(  # type: ignore[attr-defined]
         username="platform-keys", email="pk@example.com", password="pw-for-tests"
     )
     client = Client(HTTP_HOST=PUBLIC_HOST)
-    assert client.login(username="platform-keys", password="pw-for-tests")
+    client.force_login(user)
     listing = client.get("/admin/argus/deviceapikey/")
     assert listing.status_code == 200
     assert device.logical_identifier in listing.content.decode()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandParser
 
 from argus.seeding import DEFAULT_FIXTURE, seed_iot
@@ -18,7 +20,7 @@ class Command(BaseCommand):
         parser.add_argument("--fixture", type=Path, default=DEFAULT_FIXTURE)
 
     def handle(self, *args: Any, **options: Any) -> None:
-        password = os.environ.get("ARGUS_ADMIN_PASSWORD", "argus-demo-admin")
+        password = os.environ.get("ARGUS_ADMIN_PASSWORD") or admin_password_default()
         report = seed_iot(fixture_path=options["fixture"], admin_password=password)
         if report.created:
             for line in report.created:
@@ -33,3 +35,11 @@ class Command(BaseCommand):
             self.stdout.write(f"  log in as {report.admin_username} / {report.admin_password}")
         else:
             self.stdout.write(f"  log in as {report.admin_username} (password unchanged)")
+
+
+def admin_password_default() -> str:
+    """The tenant admin's password when ARGUS_ADMIN_PASSWORD is not set: the well-known demo one
+    only in DEBUG (make demo), a random one, printed once, anywhere else."""
+    if settings.DEBUG:
+        return "argus-demo-admin"
+    return secrets.token_urlsafe(18)

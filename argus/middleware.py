@@ -1,0 +1,47 @@
+"""Request guards of the kernel: the platform admin's host, and tenant-scoped login throttling."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from django.conf import settings
+from django.db import connection
+from django.http import Http404, HttpRequest, HttpResponse
+from django.http.request import split_domain_port
+
+
+class PlatformAdminHostMiddleware:
+    """The public site's /admin/ (tenants, domains, the registry, API keys) answers only on the
+    hosts in ARGUS_PLATFORM_ADMIN_HOSTS; elsewhere it does not exist (404), so an unknown host
+    name pointed at the web server is not a door to the platform admin."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        if request.path.startswith("/admin/") and _is_public_site(request) and not platform_admin_host(request):
+            raise Http404("No platform admin on this host.")
+        return self.get_response(request)
+
+
+def _is_public_site(request: HttpRequest) -> bool:
+    # django-tenants routes the public site (a known public domain, or any unknown host) to
+    # PUBLIC_SCHEMA_URLCONF; request.tenant is not even set for an unknown host.
+    return getattr(request, "urlconf", None) == settings.PUBLIC_SCHEMA_URLCONF
+
+
+def platform_admin_host(request: HttpRequest) -> bool:
+    """Whether the request's host is one the platform admin answers on."""
+    allowed = settings.ARGUS_PLATFORM_ADMIN_HOSTS
+    if "*" in allowed:
+        return True
+    domain, _port = split_domain_port(request.get_host())
+    return domain in allowed
+
+
+def tenant_scoped_username(request: HttpRequest, credentials: dict[str, Any]) -> str:
+    """The name django-axes counts failed logins under: `<schema>:<username>`, so each tenant's
+    `admin` is throttled apart from every other tenant's."""
+    username = str(credentials.get("username") or "")
+    return f"{getattr(connection, 'schema_name', 'public')}:{username}"
