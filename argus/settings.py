@@ -284,6 +284,12 @@ ARGUS_BRIDGE_ENVELOPE_BYTES = env_int("ARGUS_BRIDGE_ENVELOPE_BYTES", 512 * 1024)
 # turns many envelopes of a few messages into fewer, fuller ones (less CPU in every stage).
 ARGUS_BRIDGE_LINGER_SECONDS = env_float("ARGUS_BRIDGE_LINGER_SECONDS", 0.02)
 # MQTT protocol of the bridge's own connection: "3.1.1" (default, cheaper per message) or "5".
+# Per-device rate limit at the bridge (token bucket): messages/s on average and at once. What a
+# device sends beyond it is stored as rejected (`rate_limited`), so one device flooding cannot
+# starve the others. 0 = no limit. A chunked gateway sends its chunks at once: keep the burst
+# above the largest transaction's chunk count.
+ARGUS_BRIDGE_DEVICE_RATE = env_float("ARGUS_BRIDGE_DEVICE_RATE", 100.0)
+ARGUS_BRIDGE_DEVICE_BURST = env_float("ARGUS_BRIDGE_DEVICE_BURST", 1000.0)
 ARGUS_BRIDGE_ROUTE_TTL_SECONDS = env_float("ARGUS_BRIDGE_ROUTE_TTL_SECONDS", 60.0)
 ARGUS_BRIDGE_MQTT_PROTOCOL = env("ARGUS_BRIDGE_MQTT_PROTOCOL", "3.1.1")
 ARGUS_BRIDGE_SESSION_EXPIRY_SECONDS = env_int("ARGUS_BRIDGE_SESSION_EXPIRY_SECONDS", 7 * 24 * 3600)

@@ -46,6 +46,7 @@ TOPIC = "devices/+/telemetry"
 RECEIVED = Counter("argus_bridge_messages_received_total", "MQTT messages received")
 FORWARDED = Counter("argus_bridge_messages_forwarded_total", "Messages stored in JetStream and acknowledged")
 DEAD_LETTERED = Counter("argus_bridge_dead_lettered_total", "Messages sent to the dead-letter stream", ["reason"])
+RATE_LIMITED = Counter("argus_bridge_rate_limited_total", "Messages over their device's rate limit, stored as rejected")
 PUBLISH_RETRIES = Counter("argus_bridge_publish_retries_total", "JetStream publishes tried again")
 INFLIGHT = Gauge("argus_bridge_inflight", "Messages published and awaiting their PubAck")
 ROUTE_LOOKUPS = Counter("argus_bridge_route_lookups_total", "Device route lookups", ["source"])
@@ -74,6 +75,49 @@ class Pending:
     attempts: int = 0
     failed: bool = False
     future: asyncio.Future[Any] | None = field(default=None, repr=False)
+
+
+class DeviceRateLimit:
+    """A token bucket per device: `rate` messages a second on average, `burst` at once.
+
+    One device publishing flat out must not starve the others: what it sends over its limit is
+    still taken from the broker (the broker has acknowledged it to the device, so it must end
+    somewhere), but travels as a rejected message — its tenant gets a `telemetry_raw` row with
+    the reason, and ingest spends no decoding, validation or readings on it.
+    """
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = max(burst, 1.0)
+        self.reason = f"rate_limited: device over its limit of {rate:g} messages/s (burst {self.burst:g})"
+        self._buckets: dict[str, list[float]] = {}  # logical id -> [tokens, last refill]
+        self._limited_since_log: dict[str, int] = {}
+
+    def allow(self, logical_id: str, now: float) -> bool:
+        """Take a token for one message of this device; False when it has none left."""
+        if self.rate <= 0:
+            return True
+        bucket = self._buckets.get(logical_id)
+        if bucket is None:
+            bucket = self._buckets[logical_id] = [self.burst, now]
+        else:
+            bucket[0] = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
+            bucket[1] = now
+        if bucket[0] >= 1.0:
+            bucket[0] -= 1.0
+            return True
+        RATE_LIMITED.inc()
+        self._limited_since_log[logical_id] = self._limited_since_log.get(logical_id, 0) + 1
+        return False
+
+    def sweep(self, now: float) -> None:
+        """Log who was limited since the last sweep; forget buckets that have refilled."""
+        for logical_id, count in sorted(self._limited_since_log.items(), key=lambda kv: -kv[1])[:20]:
+            log.warning("rate limit device=%s messages_rejected=%d", logical_id[:128], count)
+        self._limited_since_log.clear()
+        full_after = self.burst / self.rate if self.rate > 0 else 0.0
+        for logical_id in [k for k, (_, last) in self._buckets.items() if now - last > full_after]:
+            del self._buckets[logical_id]
 
 
 class RouteCache:
@@ -164,6 +208,8 @@ class MqttBridge:
         self.protocol = mqtt.MQTTv5 if settings.ARGUS_BRIDGE_MQTT_PROTOCOL == "5" else mqtt.MQTTv311
         self.max_payload = settings.ARGUS_MAX_PAYLOAD_BYTES
         self.routes = RouteCache()
+        self.rate_limit = DeviceRateLimit(settings.ARGUS_BRIDGE_DEVICE_RATE, settings.ARGUS_BRIDGE_DEVICE_BURST)
+        self._last_rate_sweep = time.monotonic()
         self._incoming: deque[mqtt.MQTTMessage] = deque()
         # Publishes awaiting their PubAck (by message id), and how many MQTT messages they hold.
         self._inflight: dict[str, Pending] = {}
@@ -266,6 +312,8 @@ class MqttBridge:
         if missing:
             routes.update(await asyncio.to_thread(self.routes.load, sorted(set(missing))))
         by_tenant: dict[str, list[tuple[mqtt.MQTTMessage, js_defs.EnvelopeRecord]]] = {}
+        limited: dict[str, list[tuple[mqtt.MQTTMessage, js_defs.EnvelopeRecord]]] = {}
+        now = time.monotonic()
         for message in batch:
             logical_id = _logical_id(message)
             route = routes[logical_id]
@@ -276,16 +324,32 @@ class MqttBridge:
                 continue
             assert route is not None
             record = js_defs.EnvelopeRecord(logical_id, js_defs.new_message_id(), received_us, message.payload)
-            by_tenant.setdefault(route.schema, []).append((message, record))
+            allowed = self.rate_limit.allow(logical_id, now)
+            (by_tenant if allowed else limited).setdefault(route.schema, []).append((message, record))
         for schema, items in by_tenant.items():
-            for envelope in _split(items, self.envelope_messages, self.envelope_bytes):
-                payload = js_defs.encode_envelope([record for _, record in envelope])
-                headers = {js_defs.H_MSG_ID: js_defs.new_message_id(), js_defs.H_ENVELOPE: str(len(envelope))}
-                acks = [(message.mid, message.qos) for message, _ in envelope]
-                await self._send(
-                    Pending(acks=acks, subject=js_defs.envelope_subject(schema), payload=payload, headers=headers)
-                )
+            await self._send_envelopes(schema, items)
+        for schema, items in limited.items():
+            await self._send_envelopes(schema, items, refusal=self.rate_limit.reason)
         return True
+
+    async def _send_envelopes(
+        self,
+        schema: str,
+        items: list[tuple[mqtt.MQTTMessage, js_defs.EnvelopeRecord]],
+        *,
+        refusal: str = "",
+    ) -> None:
+        """Publish one tenant's messages in envelopes; with a refusal, every one of them is to be
+        stored as rejected for that reason."""
+        for envelope in _split(items, self.envelope_messages, self.envelope_bytes):
+            payload = js_defs.encode_envelope([record for _, record in envelope])
+            headers = {js_defs.H_MSG_ID: js_defs.new_message_id(), js_defs.H_ENVELOPE: str(len(envelope))}
+            if refusal:
+                headers[js_defs.H_REASON] = refusal
+            acks = [(message.mid, message.qos) for message, _ in envelope]
+            await self._send(
+                Pending(acks=acks, subject=js_defs.envelope_subject(schema), payload=payload, headers=headers)
+            )
 
     def _receive_stamp(self) -> int:
         """The receive time in epoch microseconds, strictly increasing: it is the reading time of
@@ -369,6 +433,9 @@ class MqttBridge:
         if now - self._last_sweep < 1.0:
             return
         self._last_sweep = now
+        if now - self._last_rate_sweep >= 10:
+            self._last_rate_sweep = now
+            self.rate_limit.sweep(now)
         if now - self._last_summary >= 30:
             # One line per half minute with what was done since the last one.
             self._last_summary = now

@@ -534,6 +534,9 @@ class Bench:
             ARGUS_BRIDGE_SHARE_GROUP="",
             ARGUS_BRIDGE_METRICS_PORT="0",
             ARGUS_INGEST_METRICS_PORT="0",
+            # The benchmarks measure capacity: a few simulated devices carry the whole load, far over
+            # the per-device rate limit a real device has (BENCH_DEVICE_RATE sets one; default: none).
+            ARGUS_BRIDGE_DEVICE_RATE=os.environ.get("BENCH_DEVICE_RATE", "0"),
             # runingest queues follow-up tasks after every batch and no worker runs here: keep them
             # out of the real queue (a backlog there delays every real task), drop them afterwards.
             CELERY_BROKER_URL=self.celery_url,

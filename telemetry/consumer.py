@@ -287,12 +287,15 @@ class IngestConsumer:
                 records = js_defs.decode_envelope(msg.data)
             except (ValueError, UnicodeDecodeError) as exc:
                 return None, f"bad envelope: {exc}"
+            refusal = headers.get(js_defs.H_REASON, "")
             messages = [
                 IncomingMessage(
                     key=r.key,
                     logical_id=r.logical_id,
                     received_at=js_defs.from_epoch_us(r.received_us),
                     payload=r.payload,
+                    # An envelope of messages the bridge refused (all for the same reason).
+                    refusal=refusal,
                 )
                 for r in records
             ]

@@ -38,6 +38,9 @@ class IncomingMessage:
     received_at: datetime
     payload: bytes
     transport: str = "mqtt"
+    # Set when the bridge already refused the message (e.g. its device is over its rate limit):
+    # the reason it gave. The message is stored as a rejected raw row without being decoded.
+    refusal: str = ""
 
 
 @dataclass(slots=True)
@@ -125,6 +128,9 @@ def _prepare(message: IncomingMessage, schema: str, profiles: ProfileCache, now:
         return item
     if device.status != DeviceStatus.ACTIVE:
         item.reject(f"device is {device.status}")
+        return item
+    if message.refusal:
+        item.reject(message.refusal)
         return item
     if len(message.payload) > settings.ARGUS_MAX_PAYLOAD_BYTES:
         item.reject(f"payload of {len(message.payload)} bytes exceeds {settings.ARGUS_MAX_PAYLOAD_BYTES}")
