@@ -5,10 +5,10 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-SERVICES := $(PY) -m argus.devservices run --
+SERVICES := $(PY) -m devtools.services run --
 export ARGUS_WEB_PORT ?= 8000
 
-.PHONY: install demo test test-inner lint check bench services-up services-down clean
+.PHONY: install demo test test-inner lint check bench chunk-bench services-up services-down clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -42,11 +42,15 @@ check:
 bench: install
 	DEBUG=1 $(SERVICES) $(PY) manage.py bench
 
+## make chunk-bench: chunked-gateway benchmark (BENCH_TX_RATE transactions/s, BENCH_SECONDS).
+chunk-bench: install
+	DEBUG=1 $(SERVICES) $(PY) -m devtools.chunk_bench
+
 services-up: install
-	$(PY) -m argus.devservices up
+	$(PY) -m devtools.services up
 
 services-down: install
-	$(PY) -m argus.devservices down
+	$(PY) -m devtools.services down
 
 clean:
 	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache

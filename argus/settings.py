@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -143,9 +144,15 @@ SHARED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "drf_spectacular",
+    # The hashed-key base of argus.DeviceAPIKey (public schema).
+    "rest_framework_api_key",
     "axes",
     "bridge",
 ]
+# The development tools' commands (demo, simulate, bench, chunk_bench) where the checkout has
+# them; the Docker image leaves devtools/ out. No models: nothing to migrate.
+if importlib.util.find_spec("devtools") is not None:
+    SHARED_APPS.append("devtools")
 # Users live in each tenant's schema: a tenant admin logs in at the tenant's own domain.
 TENANT_APPS = [
     "django.contrib.contenttypes",
@@ -321,9 +328,6 @@ CELERY_BEAT_SCHEDULE = {
 }
 
 # --- HTTP ingestion API (devices/authentication.py, telemetry/api/) ------------------------
-# djangorestframework-api-key supplies the hashed-key base of argus.DeviceAPIKey (public schema).
-SHARED_APPS = [*SHARED_APPS, "rest_framework_api_key"]
-INSTALLED_APPS = SHARED_APPS + [app for app in TENANT_APPS if app not in SHARED_APPS]
 # Every API error is application/problem+json (RFC 9457).
 REST_FRAMEWORK["EXCEPTION_HANDLER"] = "argus.problems.problem_exception_handler"
 # Requests per device and period (DRF rate syntax: N/s, N/min, N/hour, N/day), counted in Redis.

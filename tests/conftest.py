@@ -21,9 +21,9 @@ from django.db import connection
 from django.test import Client
 from django_tenants.utils import schema_context
 
-from argus.devservices import ServerHandle, start_mosquitto, start_nats
 from argus.models import Domain, Organization
 from devices.models import Device, DeviceType, ProcessingMode
+from devtools.services import ServerHandle, start_mosquitto, start_nats
 from tests.pipeline import Pipeline
 
 

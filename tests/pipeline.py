@@ -20,7 +20,7 @@ from django.conf import settings
 from django.db import connection
 from paho.mqtt.enums import CallbackAPIVersion
 
-from argus.devservices import ServerHandle
+from devtools.services import ServerHandle
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")

@@ -21,8 +21,8 @@ import pytest
 from django.db.models import Count
 from django_tenants.utils import schema_context
 
-from argus.devservices import ServerHandle
 from devices.models import Device, DeviceRole, DeviceType, ProcessingMode
+from devtools.services import ServerHandle
 from telemetry.models import RawStatus, TelemetryChunk, TelemetryHistory, TelemetryRaw, TelemetryTransaction
 from tests.conftest import TenantPersona, make_device, make_device_type, unique_id
 from tests.pipeline import Celery, Pipeline, database_url, publisher, wait_for

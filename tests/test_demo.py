@@ -19,7 +19,7 @@ import redis
 from django.conf import settings
 from psycopg import sql
 
-from argus.devservices import free_port
+from devtools.services import free_port
 from tests.pipeline import ROOT
 
 DEMO_SECONDS = 20
@@ -64,7 +64,7 @@ def test_it_runs_the_whole_platform_and_reports_the_data(tmp_path: Path) -> None
     started = time.monotonic()
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "argus.devservices", "run", "--", sys.executable, "manage.py", "demo"],
+            [sys.executable, "-m", "devtools.services", "run", "--", sys.executable, "manage.py", "demo"],
             cwd=ROOT,
             env=env,
             capture_output=True,

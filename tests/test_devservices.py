@@ -1,4 +1,4 @@
-"""Tests for argus.devservices against real server processes (no mocks, no database fixtures)."""
+"""Tests for devtools.services against real server processes (no mocks, no database fixtures)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import pytest
 import redis
 from paho.mqtt.enums import CallbackAPIVersion
 
-from argus import devservices
-from argus.devservices import (
+from devtools import services as devservices
+from devtools.services import (
     DevServiceError,
     free_port,
     mosquitto_config,
@@ -197,7 +197,7 @@ def test_it_starts_and_stops_everything_around_a_command(shared_tmp: Path) -> No
         "NATS_URL": f"nats://127.0.0.1:{ports['nats']}",
     }
     result = subprocess.run(
-        [sys.executable, "-m", "argus.devservices", "run", "--", sys.executable, "-c", CONNECT_TO_EACH],
+        [sys.executable, "-m", "devtools.services", "run", "--", sys.executable, "-c", CONNECT_TO_EACH],
         env=env,
         cwd=PROJECT_ROOT,
         capture_output=True,
@@ -216,7 +216,7 @@ def test_it_exits_with_the_command_exit_code(shared_tmp: Path) -> None:
     # Point everything at the machine's running services if present; only the exit code matters.
     env = {**os.environ, "ARGUS_RUN_DIR": str(shared_tmp / "run")}
     result = subprocess.run(
-        [sys.executable, "-m", "argus.devservices", "run", "--", sys.executable, "-c", "raise SystemExit(7)"],
+        [sys.executable, "-m", "devtools.services", "run", "--", sys.executable, "-c", "raise SystemExit(7)"],
         env=env,
         cwd=PROJECT_ROOT,
         capture_output=True,

@@ -29,10 +29,10 @@ from django_tenants.utils import schema_context
 from nats.js.api import RawStreamMsg
 from pytest_django.fixtures import SettingsWrapper
 
-from argus.devservices import ServerHandle, free_port, start_nats
 from devices import pki
 from devices.models import Device, DeviceCertificate, DeviceStatus, DeviceType
 from devices.services import api_key_create, api_key_revoke, certificate_issue, certificate_revoke
+from devtools.services import ServerHandle, free_port, start_nats
 from telemetry.api.views import reset_publisher
 from telemetry.jetstream import H_DEVICE, H_MSG_ID, H_RECEIVED, H_TRANSPORT, TELEMETRY_STREAM
 from tests.conftest import TenantPersona, make_device, make_device_type, unique_id

@@ -25,9 +25,9 @@ from django.core.management import call_command
 from django_tenants.utils import schema_context
 from paho.mqtt.enums import MQTTProtocolVersion
 
-from argus.devservices import ServerHandle, free_port, start_mosquitto
 from devices import pki
 from devices.models import Device, DeviceCertificate
+from devtools.services import ServerHandle, free_port, start_mosquitto
 from telemetry.models import RawStatus, TelemetryHistory, TelemetryRaw
 from tests.conftest import TenantPersona, make_device, make_device_type
 from tests.pipeline import Pipeline, wait_for

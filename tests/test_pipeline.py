@@ -18,8 +18,8 @@ import pytest
 from django.db import connection
 from django_tenants.utils import schema_context
 
-from argus.devservices import ServerHandle
 from devices.models import Device, DeviceType, ProcessingMode
+from devtools.services import ServerHandle
 from telemetry.jetstream import DEADLETTER_STREAM, H_REASON
 from telemetry.models import RawStatus, TelemetryHistory, TelemetryRaw
 from tests.conftest import TenantPersona, make_device, make_device_type, tenant_admin_client, unique_id

@@ -15,8 +15,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from argus.devservices import ServerHandle, start_mosquitto
-from telemetry.simulator import LeanMqttPublisher, SimulatorConfig, chunk_count, device_ids, run_simulation
+from devtools.services import ServerHandle, start_mosquitto
+from devtools.simulator import LeanMqttPublisher, SimulatorConfig, chunk_count, device_ids, run_simulation
 
 TIMEOUT = 30.0
 

@@ -19,9 +19,9 @@ from django.contrib.auth import get_user_model
 from django.test import Client, override_settings
 from django_tenants.utils import schema_context
 
-from argus.devservices import ServerHandle
 from argus.management.commands.seed_iot import admin_password_default
 from bridge.bridge import redacted_url
+from devtools.services import ServerHandle
 from tests.conftest import TenantPersona
 from tests.pipeline import Pipeline, wait_for
 

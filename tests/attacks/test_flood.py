@@ -15,8 +15,8 @@ import paho.mqtt.client as mqtt
 from django.db.models import Count
 from django_tenants.utils import schema_context
 
-from argus.devservices import ServerHandle
 from bridge.bridge import DeviceRateLimit
+from devtools.services import ServerHandle
 from telemetry.models import TelemetryRaw
 from tests.conftest import TenantPersona, make_device
 from tests.pipeline import Pipeline, Publisher, wait_for

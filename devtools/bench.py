@@ -37,11 +37,11 @@ from django.core.management import call_command
 from django.db import connection, transaction
 from django_tenants.utils import schema_context
 
-from argus.devservices import ServerHandle, postgres_settings, start_mosquitto, start_nats
 from argus.models import Domain, Organization
 from argus.registry import registry_sync
 from devices.models import Device, DeviceRole, DeviceType, ProcessingMode
-from telemetry.simulator import CHILD_METRICS, ENDPOINT_METRICS, SimulatorConfig, SimulatorResult, run_simulation
+from devtools.services import ServerHandle, postgres_settings, start_mosquitto, start_nats
+from devtools.simulator import CHILD_METRICS, ENDPOINT_METRICS, SimulatorConfig, SimulatorResult, run_simulation
 
 SCHEMA = "bench"
 ENDPOINT_TYPE = "Bench Endpoint"

@@ -1,4 +1,4 @@
-"""`manage.py bench`: end-to-end pipeline benchmark (logic in telemetry.bench; `make bench` runs it)."""
+"""`manage.py bench`: end-to-end pipeline benchmark (logic in devtools.bench; `make bench` runs it)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from telemetry.bench import Bench, BenchError, BenchSettings, failures, human_summary, report_json
+from devtools.bench import Bench, BenchError, BenchSettings, failures, human_summary, report_json
 
 
 class Command(BaseCommand):

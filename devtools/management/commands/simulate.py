@@ -1,4 +1,4 @@
-"""`manage.py simulate`: device fleet simulator / load generator (logic in telemetry.simulator)."""
+"""`manage.py simulate`: device fleet simulator / load generator (logic in devtools.simulator)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from telemetry.simulator import (
+from devtools.simulator import (
     DEFAULT_WINDOW,
     MODES,
     TRANSPORTS,

@@ -1,7 +1,7 @@
 """Chunked-gateway benchmark (issue 4): how soon after its last chunk a 2000-beacon, 67-chunk
 transaction is fully stored, while BENCH_TX_RATE such transactions per second arrive.
 
-    DEBUG=1 .venv/bin/python -m telemetry.chunk_bench
+    DEBUG=1 .venv/bin/python -m devtools.chunk_bench
 
 Runs a private Mosquitto and nats-server, runbridge, runingest and `celery -A argus worker -c 2`
 (on its own Redis database, BENCH_CELERY_BROKER_URL, so no other worker takes its tasks) in
@@ -46,11 +46,10 @@ from django.conf import settings  # noqa: E402
 from django.db import connection, transaction  # noqa: E402
 from django_tenants.utils import schema_context  # noqa: E402
 
-from argus.devservices import start_mosquitto, start_nats  # noqa: E402
 from argus.models import Domain, Organization  # noqa: E402
 from argus.registry import registry_sync  # noqa: E402
 from devices.models import Device, DeviceRole, DeviceType, ProcessingMode  # noqa: E402
-from telemetry.bench import (  # noqa: E402
+from devtools.bench import (  # noqa: E402
     SCHEMA,
     BenchSettings,
     ProcSampler,
@@ -64,7 +63,8 @@ from telemetry.bench import (  # noqa: E402
     stop_pipeline,
     stored_rows,
 )
-from telemetry.simulator import (  # noqa: E402
+from devtools.services import start_mosquitto, start_nats  # noqa: E402
+from devtools.simulator import (  # noqa: E402
     CHILD_METRICS,
     SimulatorConfig,
     SimulatorResult,
@@ -119,7 +119,7 @@ def ensure_gateways(count: int) -> list[str]:
         if device_type is None:
             device_type = DeviceType(
                 name=TYPE_NAME,
-                description="Created by telemetry.chunk_bench",
+                description="Created by devtools.chunk_bench",
                 processing_mode=ProcessingMode.GATEWAY_CHUNKED,
                 metrics=list(CHILD_METRICS),
                 auto_register_children=True,

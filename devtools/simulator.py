@@ -824,7 +824,7 @@ def _start_worker(args: tuple[Any, ...]) -> subprocess.Popen[bytes]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH", "")]))
     process = subprocess.Popen(
-        [sys.executable, "-c", "from telemetry.simulator import worker_main; worker_main()"],
+        [sys.executable, "-c", "from devtools.simulator import worker_main; worker_main()"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         cwd=PROJECT_ROOT,

@@ -1,4 +1,4 @@
-"""`manage.py demo`: what `make demo` runs once the services answer (orchestration in argus.demo)."""
+"""`manage.py demo`: what `make demo` runs once the services answer (orchestration in devtools.demo)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
-from argus.demo import Demo, DemoError
+from devtools.demo import Demo, DemoError
 
 
 class Command(BaseCommand):

@@ -36,12 +36,12 @@ from django.db.models import Count, Q
 from django.utils import timezone
 from django_tenants.utils import schema_context
 
-from argus.devservices import free_port, port_open, run_dir
 from assets.models import Alert, AlertStatus, Asset
 from devices.models import Device
 from devices.services import api_key_create, api_key_revoke
+from devtools.services import free_port, port_open, run_dir
+from devtools.simulator import HttpPublisher, MqttPublisher, SimulatorConfig, chunk_count, run_simulation
 from telemetry.models import RawStatus, TelemetryRaw, TelemetryTransaction, TransactionStatus, Transport
-from telemetry.simulator import HttpPublisher, MqttPublisher, SimulatorConfig, chunk_count, run_simulation
 
 log = logging.getLogger(__name__)
 
