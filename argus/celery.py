@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
+from celery.beat import PersistentScheduler
 from celery.signals import worker_process_init
 from tenant_schemas_celery.app import CeleryApp
 
@@ -21,3 +23,12 @@ def _start_worker_process(**kwargs: object) -> None:
 
     start_profile_invalidation()
     freeze_startup_objects()
+
+
+class BeatScheduler(PersistentScheduler):
+    """Celery beat's default scheduler, with its state file's directory created first: the file
+    lives under `.run/` in a checkout (CELERY_BEAT_SCHEDULE_FILENAME), not beside manage.py."""
+
+    def setup_schedule(self) -> None:
+        Path(self.schedule_filename).parent.mkdir(parents=True, exist_ok=True)
+        super().setup_schedule()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from django.db import IntegrityError, connection
+from django_tenants.utils import get_public_schema_name, schema_context
 
 from argus.models import DeviceRegistration, Organization
 
@@ -21,6 +22,17 @@ def current_schema() -> str:
 def use_public_schema() -> None:
     """Point the connection back at the public schema."""
     connection.set_schema_to_public()  # type: ignore[attr-defined]
+
+
+def each_tenant_schema() -> Iterator[str]:
+    """Every tenant's schema name, with the connection in that schema while the caller's loop body
+    runs (the public schema again afterwards)."""
+    schemas = list(
+        Organization.objects.exclude(schema_name=get_public_schema_name()).values_list("schema_name", flat=True)
+    )
+    for schema in schemas:
+        with schema_context(schema):
+            yield schema
 
 
 def current_tenant() -> Organization:

@@ -12,25 +12,17 @@ import dj_database_url
 import django_stubs_ext
 from django.core.exceptions import ImproperlyConfigured
 
+from argus.environment import DEFAULT_SERVICE_URLS, read_dotenv
+
 # Lets generic admin/queryset annotations (ModelAdmin[Model]) run outside type checking.
 django_stubs_ext.monkeypatch()
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 
-def _load_dotenv(path: Path) -> None:
-    # A `.env` beside manage.py fills in what the real environment does not set.
-    if not path.is_file():
-        return
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, _, value = line.partition("=")
-        os.environ.setdefault(key.strip(), value.strip().strip("'\""))
-
-
-_load_dotenv(BASE_DIR / ".env")
+# A `.env` beside manage.py fills in what the real environment does not set.
+for _key, _value in read_dotenv(BASE_DIR / ".env").items():
+    os.environ.setdefault(_key, _value)
 
 
 def env(name: str, default: str = "") -> str:
@@ -108,10 +100,10 @@ SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
 SILENCED_SYSTEM_CHECKS = ["security.W021"]
 
 # --- Services -------------------------------------------------------------------------------
-DATABASE_URL = env("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/argus")
-REDIS_URL = env("REDIS_URL", "redis://127.0.0.1:6379/0")
-MQTT_URL = env("MQTT_URL", "mqtt://127.0.0.1:1883")
-NATS_URL = env("NATS_URL", "nats://127.0.0.1:4222")
+DATABASE_URL = env("DATABASE_URL", DEFAULT_SERVICE_URLS["DATABASE_URL"])
+REDIS_URL = env("REDIS_URL", DEFAULT_SERVICE_URLS["REDIS_URL"])
+MQTT_URL = env("MQTT_URL", DEFAULT_SERVICE_URLS["MQTT_URL"])
+NATS_URL = env("NATS_URL", DEFAULT_SERVICE_URLS["NATS_URL"])
 ARGUS_PKI_DIR = Path(env("ARGUS_PKI_DIR", str(BASE_DIR / ".pki")))
 
 DATABASES = {
@@ -169,7 +161,10 @@ INSTALLED_APPS = SHARED_APPS + [app for app in TENANT_APPS if app not in SHARED_
 TENANT_MODEL = "argus.Organization"
 TENANT_DOMAIN_MODEL = "argus.Domain"
 PUBLIC_SCHEMA_NAME = "public"
-PUBLIC_SCHEMA_URLCONF = "argus.urls_public"
+# The public site (platform admin, and the API, which routes by credential) has the same URLs as a
+# tenant's site; what differs is what the admin shows (see argus/admin.py) and who may reach it
+# (argus/middleware.py). Set anyway: django-tenants then marks public requests (request.urlconf).
+PUBLIC_SCHEMA_URLCONF = "argus.urls"
 ROOT_URLCONF = "argus.urls"
 # Devices post to whatever host name they were given: unknown hosts get the public site,
 # where the ingestion API routes by credential, not by host.
@@ -322,6 +317,9 @@ CELERY_TASK_IGNORE_RESULT = True
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 300)}
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
+# Beat's state file: under .run/ (git-ignored), not `celerybeat-schedule.*` in the checkout.
+CELERY_BEAT_SCHEDULER = "argus.celery:BeatScheduler"
+CELERY_BEAT_SCHEDULE_FILENAME = env("CELERY_BEAT_SCHEDULE_FILENAME", str(BASE_DIR / ".run" / "celerybeat-schedule"))
 CELERY_BEAT_SCHEDULE = {
     "partitions-ensure": {"task": "telemetry.tasks.partitions_ensure_all", "schedule": 3600.0},
     "health-recompute": {"task": "assets.tasks.health_recompute_all", "schedule": 300.0},

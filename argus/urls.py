@@ -1,4 +1,4 @@
-"""URLs of a tenant's site (its admin and the API)."""
+"""URLs of every site: a tenant's (its admin and the API) and the public one (platform admin, API)."""
 
 from django.contrib import admin
 from django.contrib.staticfiles.urls import staticfiles_urlpatterns

@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 
 from celery import shared_task
-from django_tenants.utils import get_tenant_model, schema_context
 
+from argus.registry import each_tenant_schema
 from assets.services import health_recompute, telemetry_evaluate
 
 
@@ -31,8 +31,7 @@ def health_recompute_tenant() -> int:
 def health_recompute_all() -> int:
     """Queue a rescore in every tenant (from beat, which runs in the public schema)."""
     count = 0
-    for tenant in get_tenant_model().objects.exclude(schema_name="public"):
-        with schema_context(tenant.schema_name):
-            health_recompute_tenant.delay()
+    for _schema in each_tenant_schema():
+        health_recompute_tenant.delay()
         count += 1
     return count

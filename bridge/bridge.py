@@ -453,7 +453,7 @@ class MqttBridge:
                 PUBLISH_RETRIES.inc()
                 await self._publish(pending)
 
-    # -- MQTT side (paho's thread) --
+    # -- MQTT side (callbacks, on the event loop: bridge/mqtt.py drives paho) --
 
     def _make_client(self) -> BufferedClient:
         client = BufferedClient(

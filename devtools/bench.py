@@ -19,14 +19,11 @@ import json
 import math
 import os
 import platform
-import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse, urlunparse
@@ -42,6 +39,7 @@ from argus.registry import registry_sync
 from devices.models import Device, DeviceRole, DeviceType, ProcessingMode
 from devtools.services import ServerHandle, postgres_settings, start_mosquitto, start_nats
 from devtools.simulator import CHILD_METRICS, ENDPOINT_METRICS, SimulatorConfig, SimulatorResult, run_simulation
+from devtools.supervisor import ChildError, Supervisor, manage
 
 SCHEMA = "bench"
 ENDPOINT_TYPE = "Bench Endpoint"
@@ -62,7 +60,7 @@ class Writer(Protocol):
     def flush(self) -> None: ...
 
 
-class BenchError(RuntimeError):
+class BenchError(ChildError):
     """The benchmark could not set up, start or observe the pipeline."""
 
 
@@ -287,67 +285,28 @@ class ProcSampler:
 # --------------------------------------------------------------------------- pipeline processes
 
 
-@dataclass
-class Pipeline:
-    """The bridge and consumer processes of one run, with their log files."""
-
-    bridge: subprocess.Popen[bytes]
-    ingesters: list[subprocess.Popen[bytes]]
-    logs: dict[str, Path] = field(default_factory=dict)
-
-    def all(self) -> list[tuple[str, subprocess.Popen[bytes]]]:
-        return [("runbridge", self.bridge)] + [(f"runingest#{i}", p) for i, p in enumerate(self.ingesters)]
-
-    def check_alive(self) -> None:
-        for name, process in self.all():
-            if process.poll() is not None:
-                raise BenchError(f"{name} exited with code {process.returncode}\n{self.tail(name)}")
-
-    def tail(self, name: str, lines: int = 20) -> str:
-        try:
-            text = self.logs[name].read_text(errors="replace").splitlines()[-lines:]
-        except (KeyError, OSError):
-            return ""
-        return "\n".join(f"    {line}" for line in text)
+def start_pipeline(env: dict[str, str], ingesters: int, log_dir: Path) -> Supervisor:
+    """Start runbridge and `ingesters` runingest processes (children named `runbridge`,
+    `runingest#0`, …)."""
+    supervisor = Supervisor(log_dir, env)
+    for i in range(ingesters):
+        supervisor.add(f"runingest#{i}", manage("runingest"))
+    supervisor.add("runbridge", manage("runbridge"))
+    supervisor.start()
+    return supervisor
 
 
-def start_pipeline(env: dict[str, str], ingesters: int, log_dir: Path) -> Pipeline:
-    """Start runbridge and `ingesters` runingest processes (own sessions: Ctrl-C is ours to forward)."""
-    manage = str(Path(settings.BASE_DIR) / "manage.py")
-    logs: dict[str, Path] = {}
-
-    def spawn(name: str, command: str) -> subprocess.Popen[bytes]:
-        logs[name] = log_dir / f"{name.replace('#', '-')}.log"
-        with logs[name].open("wb") as out:
-            return subprocess.Popen(
-                [sys.executable, manage, command],
-                cwd=settings.BASE_DIR,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    ingest = [spawn(f"runingest#{i}", "runingest") for i in range(ingesters)]
-    return Pipeline(bridge=spawn("runbridge", "runbridge"), ingesters=ingest, logs=logs)
-
-
-def stop_pipeline(pipeline: Pipeline) -> dict[str, int | None]:
+def stop_pipeline(pipeline: Supervisor) -> dict[str, int | None]:
     """SIGTERM the bridge first (it drains into JetStream), then the consumers; return exit codes."""
-    codes: dict[str, int | None] = {}
-    for group in ([("runbridge", pipeline.bridge)], [(f"runingest#{i}", p) for i, p in enumerate(pipeline.ingesters)]):
-        for _, process in group:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for name, process in group:
-            try:
-                codes[name] = process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-                codes[name] = None  # did not stop within the timeout
-    return codes
+    return pipeline.stop([["runbridge"]], STOP_TIMEOUT)
+
+
+def pipeline_pids(pipeline: Supervisor) -> dict[str, list[int]]:
+    """Process ids of the bridge and the consumers, for CPU and memory sampling."""
+    return {
+        "bridge": [pipeline.child("runbridge").pid],
+        "ingest": [c.pid for c in pipeline.children if c.name.startswith("runingest")],
+    }
 
 
 # --------------------------------------------------------------------------- database
@@ -496,7 +455,7 @@ class Bench:
         redis_url = urlparse(settings.REDIS_URL)
         self.celery_url = os.environ.get("BENCH_CELERY_BROKER_URL") or urlunparse(redis_url._replace(path="/13"))
         self.servers: list[ServerHandle] = []
-        self.pipeline: Pipeline | None = None
+        self.pipeline: Supervisor | None = None
         self.exit_codes: dict[str, int | None] = {}
 
     def log(self, text: str) -> None:
@@ -552,13 +511,7 @@ class Bench:
         self.pipeline = start_pipeline(env, self.bench.ingesters, log_dir)
         self.warm_up(devices, base_id)
 
-        sampler = ProcSampler(
-            {
-                "bridge": [self.pipeline.bridge.pid],
-                "ingest": [p.pid for p in self.pipeline.ingesters],
-                "mosquitto": [broker.pid],
-            }
-        )
+        sampler = ProcSampler({**pipeline_pids(self.pipeline), "mosquitto": [broker.pid]})
         prefix = f"{self.run_id}-L"
         rate = "flat out" if not self.bench.rate else f"{self.bench.rate:g} msgs/s"
         self.log(
@@ -590,7 +543,7 @@ class Bench:
             if time.monotonic() - started > READY_TIMEOUT:
                 raise BenchError(
                     f"no probe message stored within {READY_TIMEOUT:.0f} s\n"
-                    + "\n".join(f"{name}:\n{self.pipeline.tail(name)}" for name, _ in self.pipeline.all())
+                    + "\n".join(f"{c.name}:\n{c.tail()}" for c in self.pipeline.children)
                 )
             prefix = f"{self.run_id}-P{attempt}-"
             # Before the bridge has subscribed the broker drops the probe: send it again until one lands.
@@ -727,14 +680,7 @@ class Bench:
 
     def close(self) -> None:
         if self.pipeline is not None:
-            for _, process in self.pipeline.all():
-                if process.poll() is None:
-                    process.send_signal(signal.SIGTERM)
-            for _, process in self.pipeline.all():
-                try:
-                    process.wait(STOP_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+            self.pipeline.stop([], STOP_TIMEOUT)
         for server in reversed(self.servers):
             server.stop()
 

@@ -57,6 +57,7 @@ from devtools.bench import (  # noqa: E402
     max_raw_id,
     migrate_database,
     percentile,
+    pipeline_pids,
     postgres_activity,
     postgres_server_settings,
     start_pipeline,
@@ -309,8 +310,7 @@ def main() -> int:
         base_id = max_raw_id()
         sampler = ProcSampler(
             {
-                "bridge": [pipeline.bridge.pid],
-                "ingest": [p.pid for p in pipeline.ingesters],
+                **pipeline_pids(pipeline),
                 "worker": [worker.pid, *child_pids(worker.pid)],
                 "mosquitto": [broker.pid],
                 "nats": [nats.pid],

@@ -2,7 +2,7 @@
 child, feed it the seeded devices of all three processing modes over MQTT and HTTP, and report
 what reached the database of tenant `demo`.
 
-Three parts: `Supervisor` starts, watches and stops the child processes (each logging to its
+Three parts: devtools.supervisor starts, watches and stops the child processes (each logging to its
 own file under `.run/demo/`); the feeds are threads that publish like devices do (the simulator's
 publishers); `demo_report` reads the outcome with the ORM, scoped to this run.
 """
@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import http.client
 import logging
 import math
 import os
 import random
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -25,7 +23,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
 
@@ -41,6 +38,18 @@ from devices.models import Device
 from devices.services import api_key_create, api_key_revoke
 from devtools.services import free_port, port_open, run_dir
 from devtools.simulator import HttpPublisher, MqttPublisher, SimulatorConfig, chunk_count, run_simulation
+from devtools.supervisor import (
+    BEAT_READY,
+    BRIDGE_READY,
+    INGEST_READY,
+    WORKER_READY,
+    ChildError,
+    Supervisor,
+    celery,
+    http_ok,
+    log_says,
+    manage,
+)
 from telemetry.models import RawStatus, TelemetryRaw, TelemetryTransaction, TransactionStatus, Transport
 
 log = logging.getLogger(__name__)
@@ -63,8 +72,8 @@ DRAIN_TIMEOUT = 30.0  # after the traffic stops, how long to wait for the data t
 REPORT_INTERVAL = 5.0
 
 
-class DemoError(RuntimeError):
-    """A process of the platform did not start, or died."""
+class DemoError(ChildError):
+    """The demo could not run (a process of the platform did not start or died, a port is taken)."""
 
 
 class Writer(Protocol):
@@ -73,132 +82,6 @@ class Writer(Protocol):
     def write(self, msg: str) -> Any: ...
 
     def flush(self) -> None: ...
-
-
-# --------------------------------------------------------------------------- processes
-
-
-@dataclass
-class Child:
-    """One process of the platform, with its log file and how to tell it is ready."""
-
-    name: str
-    argv: list[str]
-    log_path: Path
-    ready: Callable[[Child], bool]
-    process: subprocess.Popen[bytes] | None = None
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def tail(self, lines: int = 20) -> str:
-        return "\n".join(f"    {line}" for line in self.log_text().splitlines()[-lines:])
-
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-
-def log_says(marker: str) -> Callable[[Child], bool]:
-    """Readiness: the child's log contains marker."""
-    return lambda child: marker in child.log_text()
-
-
-def http_ok(url: str) -> Callable[[Child], bool]:
-    """Readiness: GET url answers 200."""
-    parts = url.split("/", 3)
-    host, _, port = parts[2].partition(":")
-    path = "/" + (parts[3] if len(parts) > 3 else "")
-
-    def check(child: Child) -> bool:
-        conn = http.client.HTTPConnection(host, int(port or 80), timeout=2)
-        try:
-            conn.request("GET", path)
-            return conn.getresponse().status == 200
-        except (OSError, http.client.HTTPException):
-            return False
-        finally:
-            conn.close()
-
-    return check
-
-
-class Supervisor:
-    """Starts the platform's processes as children and stops them with SIGTERM, in order."""
-
-    def __init__(self, log_dir: Path, env: dict[str, str]) -> None:
-        self.log_dir = log_dir
-        self.env = env
-        self.children: list[Child] = []
-
-    def add(self, name: str, argv: list[str], ready: Callable[[Child], bool]) -> Child:
-        child = Child(name=name, argv=argv, log_path=self.log_dir / f"{name}.log", ready=ready)
-        self.children.append(child)
-        return child
-
-    def start(self) -> None:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        for child in self.children:
-            with child.log_path.open("wb") as log:
-                # Own session: a terminal's Ctrl-C reaches only the demo, which stops them in order.
-                child.process = subprocess.Popen(
-                    child.argv,
-                    cwd=settings.BASE_DIR,
-                    env=self.env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-
-    def check_alive(self) -> None:
-        for child in self.children:
-            if child.process is not None and child.process.poll() is not None:
-                raise DemoError(
-                    f"{child.name} exited with code {child.process.returncode}; see {child.log_path}\n{child.tail()}"
-                )
-
-    def wait_ready(self, timeout: float, stopping: threading.Event) -> float:
-        """Wait until every child says it is ready; return how long it took."""
-        started = time.monotonic()
-        waiting = list(self.children)
-        while waiting:
-            self.check_alive()
-            waiting = [child for child in waiting if not child.ready(child)]
-            if not waiting:
-                break
-            if time.monotonic() - started > timeout:
-                raise DemoError(
-                    f"not ready after {timeout:.0f} s: "
-                    + "; ".join(f"{c.name} (see {c.log_path})\n{c.tail()}" for c in waiting)
-                )
-            if stopping.wait(0.25):
-                raise DemoError("interrupted while starting")
-        return time.monotonic() - started
-
-    def stop(self, order: list[list[str]], timeout: float = STOP_TIMEOUT) -> dict[str, int | None]:
-        """SIGTERM the children group by group (names in `order`), wait; return exit codes."""
-        codes: dict[str, int | None] = {}
-        by_name = {child.name: child for child in self.children}
-        groups = [[by_name[n] for n in group if n in by_name] for group in order]
-        rest = [c for c in self.children if not any(c in g for g in groups)]
-        for group in [*groups, rest]:
-            for child in group:
-                if child.running():
-                    assert child.process is not None
-                    child.process.send_signal(signal.SIGTERM)
-            for child in group:
-                if child.process is None:
-                    continue
-                try:
-                    codes[child.name] = child.process.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    child.process.kill()
-                    child.process.wait()
-                    codes[child.name] = None  # did not stop on SIGTERM in time
-        return codes
 
 
 # --------------------------------------------------------------------------- traffic
@@ -581,25 +464,29 @@ class Demo:
         self.out.flush()
 
     def _supervisor(self) -> Supervisor:
-        py, manage = sys.executable, str(Path(settings.BASE_DIR) / "manage.py")
         sup = Supervisor(self.log_dir, self.env)
-        gunicorn = [py, "-m", "gunicorn", "argus.wsgi", "--bind", f"127.0.0.1:{self.port}", "--workers", "2"]
+        gunicorn = [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "argus.wsgi",
+            "--bind",
+            f"127.0.0.1:{self.port}",
+            "--workers",
+            "2",
+        ]
         sup.add(
             "web",
             [*gunicorn, "--access-logfile", "-", "--graceful-timeout", "10"],
             http_ok(f"http://127.0.0.1:{self.port}/healthz"),
         )
-        sup.add("bridge", [py, manage, "runbridge"], log_says("mqtt subscribed"))
-        sup.add("ingest", [py, manage, "runingest"], log_says("runingest started"))
+        sup.add("bridge", manage("runbridge"), log_says(BRIDGE_READY))
+        sup.add("ingest", manage("runingest"), log_says(INGEST_READY))
         sup.add(
-            "worker",
-            [py, "-m", "celery", "-A", "argus", "worker", "-c", "2", "-l", "INFO", "-n", f"demo-{os.getpid()}@%h"],
-            log_says(" ready."),
+            "worker", celery("worker", "-c", "2", "-l", "INFO", "-n", f"demo-{os.getpid()}@%h"), log_says(WORKER_READY)
         )
         sup.add(
-            "beat",
-            [py, "-m", "celery", "-A", "argus", "beat", "-l", "INFO", "-s", str(self.log_dir / "celerybeat-schedule")],
-            log_says("beat: Starting"),
+            "beat", celery("beat", "-l", "INFO", "-s", str(self.log_dir / "celerybeat-schedule")), log_says(BEAT_READY)
         )
         return sup
 
@@ -645,16 +532,16 @@ class Demo:
             self.say("Stopping the simulated devices; waiting for the last data to arrive ...")
             feeds.join()
             self._drain(since, dead_before, started)
-        except DemoError as exc:
+        except ChildError as exc:
             self.say(f"ERROR: {exc}")
-            codes = self.supervisor.stop(self.STOP_ORDER)
+            codes = self.supervisor.stop(self.STOP_ORDER, STOP_TIMEOUT)
             return 1
         finally:
             if feeds is not None:
                 feeds.join()
             if not codes:
                 self.say("Stopping the platform's processes (SIGTERM) ...")
-                codes = self.supervisor.stop(self.STOP_ORDER)
+                codes = self.supervisor.stop(self.STOP_ORDER, STOP_TIMEOUT)
             api_key_revoke(prefix=api_key.prefix)
         report = demo_report(since=since, nats_url=settings.NATS_URL, dead_letters_before=dead_before)
         self.say("")

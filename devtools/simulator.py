@@ -1,5 +1,5 @@
 """Device fleet simulator and load generator: endpoint, gateway and chunked-gateway devices over
-MQTT, MQTT with mTLS, or HTTP (CONTRACT.md §2 and §3 shapes).
+MQTT, MQTT with mTLS, or HTTP (the shapes of docs/ingestion.md).
 
 Plain functions and dataclasses, no Django: `manage.py simulate`, the benchmark and the demo
 import them, and worker processes (spawned, so nothing is inherited) import this module alone.

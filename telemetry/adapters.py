@@ -1,7 +1,7 @@
 """Protocol adapters: decode a message's bytes into a document and its readings.
 
 An adapter never raises for bad input from a device: it raises `Rejected` with a reason, and
-the caller records the message as a rejected raw row. Shapes are those of CONTRACT.md §2.
+the caller records the message as a rejected raw row. Shapes are those of docs/ingestion.md.
 """
 
 from __future__ import annotations

@@ -8,9 +8,8 @@ from celery import shared_task
 from django.conf import settings
 from django.core.cache import cache
 from django.db import connection
-from django_tenants.utils import get_tenant_model, schema_context
 
-from argus.registry import current_schema
+from argus.registry import current_schema, each_tenant_schema
 from telemetry.chunks import transaction_reassemble, transactions_expire, transactions_unassembled
 from telemetry.profiles import InvalidationListener, ProfileCache
 
@@ -63,9 +62,8 @@ def chunks_sweep_tenant(grace_seconds: float, unassembled_after_seconds: float) 
 def chunks_sweep_all() -> int:
     """Run the chunk sweep in every tenant (from beat, which runs in the public schema)."""
     count = 0
-    for tenant in get_tenant_model().objects.exclude(schema_name="public"):
-        with schema_context(tenant.schema_name):
-            chunks_sweep_tenant.delay(settings.ARGUS_CHUNK_EXPIRY_GRACE_SECONDS, settings.ARGUS_CHUNK_REENQUEUE_SECONDS)
+    for _schema in each_tenant_schema():
+        chunks_sweep_tenant.delay(settings.ARGUS_CHUNK_EXPIRY_GRACE_SECONDS, settings.ARGUS_CHUNK_REENQUEUE_SECONDS)
         count += 1
     return count
 
@@ -84,7 +82,6 @@ def partitions_ensure(days_ahead: int) -> int:
 def partitions_ensure_all() -> int:
     """Create tomorrow's (and the next days') partitions in every tenant."""
     created = 0
-    for tenant in get_tenant_model().objects.exclude(schema_name="public"):
-        with schema_context(tenant.schema_name):
-            created += partitions_ensure(settings.ARGUS_PARTITION_DAYS_AHEAD)
+    for _schema in each_tenant_schema():
+        created += partitions_ensure(settings.ARGUS_PARTITION_DAYS_AHEAD)
     return created

@@ -4,9 +4,6 @@ as subprocesses against the test database, publishers and polling."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,6 +18,7 @@ from django.db import connection
 from paho.mqtt.enums import CallbackAPIVersion
 
 from devtools.services import ServerHandle
+from devtools.supervisor import BEAT_READY, BRIDGE_READY, INGEST_READY, WORKER_READY, Child, celery, manage
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -35,46 +33,27 @@ def database_url() -> str:
     return f"postgresql://{auth}@{s['HOST'] or '127.0.0.1'}:{s['PORT'] or 5432}/{s['NAME']}"
 
 
-class ManagedProcess:
-    """A `manage.py` command run as a child process, with its output in a log file."""
+class ManagedProcess(Child):
+    """A `manage.py` command run as a child process, each start logging to a new file."""
 
     def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path) -> None:
-        self.name = name
-        self.args = args
-        self.env = env
-        self.log_path = log_dir / f"{name}-{uuid.uuid4().hex[:6]}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(name=name, argv=manage(*args), log_path=log_dir / f"{name}.log", env=env)
+        self.log_dir = log_dir
 
     def start(self) -> ManagedProcess:
-        self.log_path = self.log_path.with_name(f"{self.name}-{uuid.uuid4().hex[:6]}.log")
-        log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "manage.py"), *self.args], cwd=ROOT, env=self.env, stdout=log, stderr=log
-        )
+        self.log_path = self.log_dir / f"{self.name}-{uuid.uuid4().hex[:6]}.log"
+        super().start()
         return self
 
     def stop(self, timeout: float = 40) -> int:
-        """SIGTERM, wait; returns the exit code."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"{self.name} did not stop on SIGTERM; log: {self.log()}") from None
-
-    def kill(self) -> None:
-        """SIGKILL: no chance to finish anything."""
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait()
-
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        """SIGTERM, wait; returns the exit code (fails the test if it had to be killed)."""
+        code = super().stop(timeout)
+        if code is None:
+            raise AssertionError(f"{self.name} did not stop on SIGTERM; log: {self.log()}")
+        return code
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-5000:]
+        return self.log_text()[-5000:]
 
 
 def pipeline_env(*, mqtt_url: str, nats_url: str, client_id: str) -> dict[str, str]:
@@ -171,7 +150,7 @@ class Pipeline:
         self.ingest.start()
         self.start_bridge()
         wait_for(
-            lambda: "runingest started" in self.ingest.log(),
+            lambda: INGEST_READY in self.ingest.log(),
             timeout=60,
             what=lambda: f"runingest to start: {self.ingest.log()}",
         )
@@ -180,7 +159,7 @@ class Pipeline:
     def start_bridge(self) -> None:
         self.bridge.start()
         wait_for(
-            lambda: "mqtt subscribed" in self.bridge.log(),
+            lambda: BRIDGE_READY in self.bridge.log(),
             timeout=60,
             what=lambda: f"runbridge to subscribe: {self.bridge.log()}",
         )
@@ -194,34 +173,15 @@ class Pipeline:
 
 
 class CeleryProcess(ManagedProcess):
-    """`celery -A argus <args>` as a child process in its own process group.
+    """`celery -A argus <args>` as a child process; `kill()` takes the prefork pool's children
+    down with the main process (its whole session), as a machine or container loss would."""
 
-    Its own group so that `kill()` takes the prefork pool's children down with the main
-    process, as a machine or container loss would (a SIGKILL of the main process alone would
-    leave the pool children running the task).
-    """
-
-    def start(self) -> CeleryProcess:
-        self.log_path = self.log_path.with_name(f"{self.name}-{uuid.uuid4().hex[:6]}.log")
-        log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "argus", *self.args],
-            cwd=ROOT,
-            env=self.env,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-        )
-        return self
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path) -> None:
+        super().__init__(name, args, env, log_dir)
+        self.argv = celery(*args)
 
     def full_log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def kill(self) -> None:
-        """SIGKILL to the main process and its pool children."""
-        assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
+        return self.log_text()
 
 
 class Celery:
@@ -243,7 +203,7 @@ class Celery:
         self.start_worker()
         self.beat.start()
         wait_for(
-            lambda: "beat: Starting" in self.beat.full_log(),
+            lambda: BEAT_READY in self.beat.full_log(),
             timeout=90,
             what=lambda: f"beat to start: {self.beat.log()}",
         )
@@ -252,7 +212,7 @@ class Celery:
     def start_worker(self) -> None:
         self.worker.start()
         wait_for(
-            lambda: " ready." in self.worker.full_log(),
+            lambda: WORKER_READY in self.worker.full_log(),
             timeout=90,
             what=lambda: f"the worker to start: {self.worker.log()}",
         )

@@ -1,4 +1,4 @@
-"""Chunked gateway transactions end to end (CONTRACT.md §2): Mosquitto → runbridge → JetStream →
+"""Chunked gateway transactions end to end (docs/ingestion.md): Mosquitto → runbridge → JetStream →
 runingest → PostgreSQL, then a real Celery worker (Redis broker) reassembles and Celery beat
 expires and re-enqueues. No mocks: every process is a child process against the test database.
 

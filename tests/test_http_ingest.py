@@ -1,4 +1,4 @@
-"""HTTP ingestion (CONTRACT.md §3): API keys, device JWTs, problem responses, publishing to JetStream.
+"""HTTP ingestion (docs/ingestion.md): API keys, device JWTs, problem responses, publishing to JetStream.
 
 Real PostgreSQL, Redis and a private nats-server per module (another one for the outage test),
 so what the endpoint published can be read back and NATS can be stopped.

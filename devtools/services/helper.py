@@ -25,11 +25,11 @@ from pathlib import Path
 from types import FrameType
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
+from argus.environment import DEFAULT_SERVICE_URLS, read_dotenv
 from devtools.services import mosquitto, nats, postgres, redis
 from devtools.services.base import (
     LOCAL_HOSTS,
     PID_FILE_NAME,
-    PROJECT_ROOT,
     STOP_TIMEOUT,
     DevServiceError,
     ServerHandle,
@@ -41,28 +41,12 @@ from devtools.services.base import (
 
 # In start order.
 SERVICES: tuple[Service, ...] = (postgres.SERVICE, redis.SERVICE, mosquitto.SERVICE, nats.SERVICE)
-DEFAULT_URLS: dict[str, str] = {s.env_var: s.default_url for s in SERVICES}
+DEFAULT_URLS: dict[str, str] = DEFAULT_SERVICE_URLS
 
 
 def load_dotenv(path: Path | None = None) -> dict[str, str]:
-    """Parse simple KEY=VALUE lines from the project's .env file (missing file: empty)."""
-    path = path or PROJECT_ROOT / ".env"
-    values: dict[str, str] = {}
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return values
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, _, value = line.partition("=")
-        key = key.strip().removeprefix("export ").strip()
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-            value = value[1:-1]
-        values[key] = value
-    return values
+    """The project's .env (see argus.environment)."""
+    return read_dotenv(path)
 
 
 def service_environ(base: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -7,6 +7,7 @@ import socket
 from pathlib import Path
 from urllib.parse import SplitResult
 
+from argus.environment import DEFAULT_SERVICE_URLS
 from devtools.services.base import (
     PROJECT_ROOT,
     READY_TIMEOUT,
@@ -110,4 +111,4 @@ def _start_at(parts: SplitResult, host: str, port: int, workdir: Path) -> Server
     return start_mosquitto(port, workdir=workdir, host=host)
 
 
-SERVICE = Service("mosquitto", "MQTT_URL", "mqtt://127.0.0.1:1883", INSTALL_HINT, _start_at)
+SERVICE = Service("mosquitto", "MQTT_URL", DEFAULT_SERVICE_URLS["MQTT_URL"], INSTALL_HINT, _start_at)

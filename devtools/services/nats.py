@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import SplitResult, unquote
 
+from argus.environment import DEFAULT_SERVICE_URLS
 from devtools.services.base import (
     READY_TIMEOUT,
     ServerHandle,
@@ -82,4 +83,4 @@ def _start_at(parts: SplitResult, host: str, port: int, workdir: Path) -> Server
     return start_nats(port, workdir, host=host, token=unquote(parts.username) if parts.username else None)
 
 
-SERVICE = Service("nats", "NATS_URL", "nats://127.0.0.1:4222", INSTALL_HINT, _start_at)
+SERVICE = Service("nats", "NATS_URL", DEFAULT_SERVICE_URLS["NATS_URL"], INSTALL_HINT, _start_at)

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
+from argus.environment import DEFAULT_SERVICE_URLS
 from devtools.services.base import (
     PROJECT_ROOT,
     DevServiceError,
@@ -227,7 +228,7 @@ def _start_at(parts: SplitResult, host: str, port: int, workdir: Path) -> Server
 SERVICE = Service(
     "postgres",
     "DATABASE_URL",
-    "postgresql://postgres@127.0.0.1:5432/argus",
+    DEFAULT_SERVICE_URLS["DATABASE_URL"],
     INSTALL_HINT,
     _start_at,
     stop_signal=signal.SIGINT,

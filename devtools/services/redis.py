@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import SplitResult, unquote
 
+from argus.environment import DEFAULT_SERVICE_URLS
 from devtools.services.base import (
     READY_TIMEOUT,
     DevServiceError,
@@ -63,4 +64,4 @@ def _start_at(parts: SplitResult, host: str, port: int, workdir: Path) -> Server
     return start_redis(port, workdir, host=host, password=unquote(parts.password) if parts.password else None)
 
 
-SERVICE = Service("redis", "REDIS_URL", "redis://127.0.0.1:6379/0", INSTALL_HINT, _start_at)
+SERVICE = Service("redis", "REDIS_URL", DEFAULT_SERVICE_URLS["REDIS_URL"], INSTALL_HINT, _start_at)

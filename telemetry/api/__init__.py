@@ -1,1 +1,1 @@
-"""HTTP ingestion API: POST /api/v1/telemetry (CONTRACT.md §3)."""
+"""HTTP ingestion API: POST /api/v1/telemetry (docs/ingestion.md)."""

@@ -6,7 +6,8 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from devtools.bench import Bench, BenchError, BenchSettings, failures, human_summary, report_json
+from devtools.bench import Bench, BenchSettings, failures, human_summary, report_json
+from devtools.supervisor import ChildError
 
 
 class Command(BaseCommand):
@@ -19,11 +20,11 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         try:
             bench = Bench(BenchSettings.from_env(), self.stdout)
-        except (BenchError, ValueError) as exc:
+        except (ChildError, ValueError) as exc:
             raise CommandError(str(exc)) from exc
         try:
             report = bench.run()
-        except BenchError as exc:
+        except ChildError as exc:
             raise CommandError(str(exc)) from exc
         finally:
             bench.close()

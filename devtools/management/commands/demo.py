@@ -8,7 +8,8 @@ from typing import Any
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
-from devtools.demo import Demo, DemoError
+from devtools.demo import Demo
+from devtools.supervisor import ChildError
 
 
 class Command(BaseCommand):
@@ -30,7 +31,7 @@ class Command(BaseCommand):
         call_command("seed_iot")
         try:
             code = Demo(self.stdout, seconds=seconds).run()
-        except DemoError as exc:
+        except ChildError as exc:
             raise CommandError(str(exc)) from exc
         if code:
             raise SystemExit(code)
