@@ -250,6 +250,19 @@ class ThresholdRule(models.Model):
             RuleOperator.INSIDE: self.threshold <= value <= high,
         }[RuleOperator(self.operator)]
 
+    def cleared(self, value: float) -> bool:
+        """Whether a value has moved back past the threshold by the rule's hysteresis."""
+        h = self.hysteresis
+        high = self.threshold_high if self.threshold_high is not None else self.threshold
+        return {
+            RuleOperator.GT: value <= self.threshold - h,
+            RuleOperator.GTE: value < self.threshold - h,
+            RuleOperator.LT: value >= self.threshold + h,
+            RuleOperator.LTE: value > self.threshold + h,
+            RuleOperator.OUTSIDE: self.threshold + h <= value <= high - h,
+            RuleOperator.INSIDE: value < self.threshold - h or value > high + h,
+        }[RuleOperator(self.operator)]
+
 
 class AlertStatus(models.TextChoices):
     ACTIVE = "active", "Active"

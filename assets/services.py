@@ -21,7 +21,6 @@ from assets.models import (
     Asset,
     AssetDevice,
     AssetType,
-    RuleOperator,
     ThresholdRule,
     TransformationEngine,
     asset_type_metric_definitions,
@@ -68,20 +67,6 @@ def asset_values(links: list[AssetDevice], latest: LatestValues) -> dict[int, tu
         else:
             merged[link.asset_id] = (max(previous[0], time), {**previous[1], **values_now})
     return merged
-
-
-def cleared(rule: ThresholdRule, value: float) -> bool:
-    """Whether a value has moved back past the threshold by the rule's hysteresis."""
-    h = rule.hysteresis
-    high = rule.threshold_high if rule.threshold_high is not None else rule.threshold
-    return {
-        RuleOperator.GT: value <= rule.threshold - h,
-        RuleOperator.GTE: value < rule.threshold - h,
-        RuleOperator.LT: value >= rule.threshold + h,
-        RuleOperator.LTE: value > rule.threshold + h,
-        RuleOperator.OUTSIDE: rule.threshold + h <= value <= high - h,
-        RuleOperator.INSIDE: value < rule.threshold - h or value > high + h,
-    }[RuleOperator(rule.operator)]
 
 
 def linked_devices(device_ids: list[int]) -> list[int]:
@@ -168,7 +153,7 @@ def telemetry_evaluate(*, latest: LatestValues) -> EvaluationOutcome:
                     if created:
                         outcome.alerts_raised += 1
                         log.info("alert raised asset=%s rule=%s value=%s", asset.name, rule.name, value)
-                elif alert is not None and cleared(rule, value):
+                elif alert is not None and rule.cleared(value):
                     alert.status = AlertStatus.RESOLVED
                     alert.resolved_at = now
                     alert.save(update_fields=["status", "resolved_at"])

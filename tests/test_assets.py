@@ -1,0 +1,158 @@
+"""The units of the operator's half: both health algorithms and the threshold rule against values
+computed by hand, and the admin's list pages, whose query count must not grow with their rows."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+from django_tenants.utils import schema_context
+
+from assets.health import ALGORITHMS
+from assets.models import Alert, Asset, AssetType, RuleOperator, Severity, ThresholdRule
+from tests.conftest import TenantPersona, make_device, make_device_type, tenant_admin_client, unique_id
+
+DEFINITIONS = {
+    "temperature": {"key": "temperature", "min": 10, "max": 30},
+    "vibration": {"key": "vibration", "min": 0, "max": 5},
+}
+
+
+def weighted(values: dict[str, float], **params: Any) -> float | None:
+    return ALGORITHMS["weighted"].score({"weights": {"temperature": 2, "vibration": 1}, **params}, DEFINITIONS, values)
+
+
+def test_it_scores_the_weighted_mean_of_metrics_within_their_ranges() -> None:
+    assert weighted({"temperature": 20, "vibration": 2}) == 100.0
+    # 5 above a range 20 wide: 100 * (1 - 5/20) = 75; (2 * 75 + 1 * 100) / 3 = 83.33
+    assert weighted({"temperature": 35, "vibration": 2}) == 83.33
+    # Half the tolerance: 5 above a width of 10 scores 50; (2 * 50 + 100) / 3 = 66.67
+    assert weighted({"temperature": 35, "vibration": 2}, tolerance=0.5) == 66.67
+    # 30 below a range 20 wide is past zero: (2 * 0 + 100) / 3 = 33.33
+    assert weighted({"temperature": -20, "vibration": 2}) == 33.33
+    # Only the metrics reported count: vibration 6 is 1 above a range 5 wide, 100 * (1 - 1/5) = 80
+    assert weighted({"vibration": 6}) == 80.0
+    assert weighted({"humidity": 50}) is None
+
+
+def threshold(values: dict[str, float]) -> float | None:
+    params = {
+        "default_score": 95,
+        "rules": [
+            {"metric": "temperature", "operator": "gt", "value": 30, "score": 40},
+            {"metric": "temperature", "operator": "gt", "value": 40, "score": 10},
+            {"metric": "vibration", "operator": "gte", "value": 5, "score": 60},
+        ],
+    }
+    return ALGORITHMS["threshold"].score(params, DEFINITIONS, values)
+
+
+def test_it_scores_the_lowest_matching_threshold_rule() -> None:
+    assert threshold({"temperature": 20, "vibration": 1}) == 95.0
+    assert threshold({"temperature": 35, "vibration": 5}) == 40.0
+    assert threshold({"temperature": 45}) == 10.0
+    assert threshold({"vibration": 5}) == 60.0
+    assert threshold({"humidity": 50}) is None
+
+
+def rule(operator: str, threshold: float, high: float | None = None, hysteresis: float = 0.0) -> ThresholdRule:
+    return ThresholdRule(operator=operator, threshold=threshold, threshold_high=high, hysteresis=hysteresis)
+
+
+@pytest.mark.parametrize(
+    ("operator", "high", "breached", "not_breached"),
+    [
+        (RuleOperator.GT, None, [30.1, 99], [30, 0]),
+        (RuleOperator.GTE, None, [30, 31], [29.9]),
+        (RuleOperator.LT, None, [29.9, -5], [30, 31]),
+        (RuleOperator.LTE, None, [30, 0], [30.1]),
+        (RuleOperator.OUTSIDE, 40.0, [29.9, 40.1], [30, 35, 40]),
+        (RuleOperator.INSIDE, 40.0, [30, 35, 40], [29.9, 40.1]),
+    ],
+)
+def test_it_tells_when_a_rule_is_breached(
+    operator: str, high: float | None, breached: list[float], not_breached: list[float]
+) -> None:
+    assert [rule(operator, 30, high).breached(v) for v in breached] == [True] * len(breached)
+    assert [rule(operator, 30, high).breached(v) for v in not_breached] == [False] * len(not_breached)
+
+
+@pytest.mark.parametrize(
+    ("operator", "high", "cleared", "still_open"),
+    [
+        # Hysteresis 2 around a threshold of 30 (and a high of 40 for the ranges).
+        (RuleOperator.GT, None, [28, 0], [28.1, 30, 31]),
+        (RuleOperator.GTE, None, [27.9], [28, 30]),
+        (RuleOperator.LT, None, [32, 50], [31.9, 30]),
+        (RuleOperator.LTE, None, [32.1], [32, 30]),
+        (RuleOperator.OUTSIDE, 40.0, [32, 35, 38], [31.9, 38.1, 29]),
+        (RuleOperator.INSIDE, 40.0, [27.9, 42.1], [28, 35, 42]),
+    ],
+)
+def test_it_clears_a_rule_only_past_its_hysteresis(
+    operator: str, high: float | None, cleared: list[float], still_open: list[float]
+) -> None:
+    assert [rule(operator, 30, high, 2).cleared(v) for v in cleared] == [True] * len(cleared)
+    assert [rule(operator, 30, high, 2).cleared(v) for v in still_open] == [False] * len(still_open)
+
+
+# --- The admin's list pages: a constant number of queries, however many rows -----------------------
+
+
+def queries_for(client: Any, url: str) -> int:
+    with CaptureQueriesContext(connection) as captured:
+        response = client.get(url)
+    assert response.status_code == 200, response.content[:500]
+    return len(captured)
+
+
+def add_devices(count: int) -> None:
+    device_type = make_device_type()
+    for _ in range(count):
+        make_device(device_type)
+
+
+def add_assets_and_alerts(count: int) -> None:
+    asset_type = AssetType.objects.create(name=unique_id("asset-type"))
+    device = make_device(make_device_type())
+    for _ in range(count):
+        asset = Asset.objects.create(asset_type=asset_type, name=unique_id("asset"))
+        threshold_rule = ThresholdRule.objects.create(
+            name=unique_id("rule"), asset=asset, metric="temperature", operator="gt", threshold=30
+        )
+        Alert.objects.create(
+            rule=threshold_rule,
+            asset=asset,
+            device=device,
+            metric="temperature",
+            value=31,
+            severity=Severity.WARNING,
+            raised_at=timezone.now(),
+        )
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("url", "add"),
+    [
+        ("/admin/devices/device/", add_devices),
+        ("/admin/devices/devicetype/", lambda n: [make_device_type() for _ in range(n)]),
+        ("/admin/assets/asset/", add_assets_and_alerts),
+        ("/admin/assets/thresholdrule/", add_assets_and_alerts),
+        ("/admin/assets/alert/", add_assets_and_alerts),
+    ],
+)
+def test_it_lists_admin_pages_in_a_constant_number_of_queries(
+    alpha: TenantPersona, url: str, add: Callable[[int], object]
+) -> None:
+    client = tenant_admin_client(alpha)
+    with schema_context(alpha.schema):
+        add(2)
+    few = queries_for(client, url)
+    with schema_context(alpha.schema):
+        add(8)
+    assert queries_for(client, url) == few
