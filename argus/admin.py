@@ -1,4 +1,4 @@
-"""Platform admin (public schema): organizations, domains, the device registry."""
+"""Platform admin (public schema): organizations, domains, the device registry, the certificate ledger."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from django_tenants.utils import get_public_schema_name
 from rest_framework_api_key import admin as _api_key_admin  # noqa: F401 - registers APIKey, removed below
 from rest_framework_api_key.models import APIKey
 
-from argus.models import DeviceAPIKey, DeviceRegistration, Domain, Organization
+from argus.models import CertificateLedgerEntry, DeviceAPIKey, DeviceRegistration, Domain, Organization
 from argus.registry import current_schema
 
 
@@ -70,6 +70,25 @@ class OrganizationAdmin(PublicOnlyAdmin):
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> tuple[str, ...]:
         # The schema name is the tenant's storage: renaming it would orphan the schema.
         return ("schema_name",) if obj else ()
+
+
+@admin.register(CertificateLedgerEntry)
+class CertificateLedgerAdmin(PublicOnlyAdmin):
+    """Read-only: entries are written by issuing and revoking (`manage.py pki`, renames, deletes)."""
+
+    list_display = ("logical_identifier", "serial_number", "tenant_schema", "status", "not_after", "revoked_at")
+    list_filter = ("status", "tenant_schema")
+    search_fields = ("logical_identifier", "serial_number", "fingerprint_sha256")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # Deleting an entry would drop a revoked serial from the CRL.
+        return False
 
 
 @admin.register(DeviceRegistration)

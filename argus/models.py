@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from django.db import models
+from django.utils import timezone
 from django_tenants.models import DomainMixin, TenantMixin
 from rest_framework_api_key.models import AbstractAPIKey
 
@@ -22,6 +24,13 @@ class Organization(TenantMixin):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.schema_name})"
+
+    def delete(self, force_drop: bool = False, *args: Any, **kwargs: Any) -> Any:
+        # The tenant's certificates must not outlive it: another tenant may register its ids next.
+        CertificateLedgerEntry.objects.filter(tenant=self, status=CertificateStatus.ACTIVE).update(
+            status=CertificateStatus.REVOKED, revoked_at=timezone.now(), revocation_reason="tenant deleted"
+        )
+        return super().delete(force_drop, *args, **kwargs)
 
 
 class Domain(DomainMixin):
@@ -74,3 +83,48 @@ class DeviceAPIKey(AbstractAPIKey):
 
     def __str__(self) -> str:
         return f"{self.prefix}… ({self.logical_identifier})"
+
+
+class CertificateStatus(models.TextChoices):
+    ACTIVE = "active", "Active"
+    REVOKED = "revoked", "Revoked"
+
+
+class CertificateLedgerEntry(models.Model):
+    """Every device certificate the CA issued, platform-wide: the CRL is built from this table.
+
+    It lives in the public schema and refers to its device by (tenant, device id, logical id)
+    without a foreign key, so an entry outlives the device row, a rename and the tenant itself:
+    a revoked serial can never drop out of the CRL because its device was deleted.
+    """
+
+    serial_number = models.CharField(max_length=64, unique=True)
+    fingerprint_sha256 = models.CharField(max_length=64, unique=True)
+    logical_identifier = models.CharField(max_length=128, help_text="The certificate's CN when it was issued.")
+    tenant = models.ForeignKey(Organization, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    tenant_schema = models.CharField(max_length=63, help_text="Kept when the tenant is deleted.")
+    device_id = models.BigIntegerField(help_text="Primary key of the device in its tenant schema when issued.")
+    not_before = models.DateTimeField()
+    not_after = models.DateTimeField()
+    status = models.CharField(max_length=10, choices=CertificateStatus.choices, default=CertificateStatus.ACTIVE)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    revocation_reason = models.CharField(max_length=64, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        db_table = "certificate_ledger"
+        verbose_name = "certificate ledger entry"
+        verbose_name_plural = "certificate ledger"
+        indexes = [
+            models.Index(fields=["tenant_schema", "device_id"], name="cert_ledger_device_idx"),
+            models.Index(fields=["status", "not_after"], name="cert_ledger_status_idx"),
+        ]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(status=CertificateStatus.ACTIVE) | models.Q(revoked_at__isnull=False),
+                name="cert_ledger_revoked_has_time",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.logical_identifier} #{self.serial_number} ({self.status})"

@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
+from django.conf import settings
 from django.db import IntegrityError, connection
 from django_tenants.utils import get_public_schema_name, schema_context
 
+from argus.identity import is_reserved_identifier
 from argus.models import DeviceRegistration, Organization
 
 if TYPE_CHECKING:
@@ -45,6 +47,12 @@ def current_tenant() -> Organization:
 
 def registry_sync(*, devices: Iterable[Device]) -> None:
     """Insert or update the registry rows of devices of the current tenant (one statement)."""
+    devices = list(devices)
+    services = [settings.ARGUS_BRIDGE_CLIENT_ID]
+    reserved = [d.logical_identifier for d in devices if is_reserved_identifier(d.logical_identifier, services)]
+    if reserved:
+        # Checked here too, not only in form validation: no path may register a service's name.
+        raise IntegrityError(f"Reserved for a platform service: {', '.join(reserved)}")
     tenant = current_tenant()
     rows = [DeviceRegistration(logical_identifier=d.logical_identifier, tenant=tenant, device_id=d.pk) for d in devices]
     if not rows:

@@ -353,3 +353,28 @@ CELERY_BEAT_SCHEDULE["chunks-sweep"] = {
     "task": "telemetry.tasks.chunks_sweep_all",
     "schedule": ARGUS_CHUNK_SWEEP_SECONDS,
 }
+
+# --- Device certificates: CRL renewal and the broker reload hook (docs/device-identity.md) ---
+# Validity of the CRL we sign. OpenSSL refuses every client once it has passed, so the beat task
+# below rebuilds it once less than ARGUS_CRL_RENEW_WITHIN_SECONDS remain (daily with the
+# defaults, leaving 6 days to notice a stopped worker), and at once after a revocation.
+ARGUS_CRL_DAYS = env_int("ARGUS_CRL_DAYS", 7)
+ARGUS_CRL_RENEW_WITHIN_SECONDS = env_int("ARGUS_CRL_RENEW_WITHIN_SECONDS", 6 * 24 * 3600)
+ARGUS_CRL_CHECK_SECONDS = env_float("ARGUS_CRL_CHECK_SECONDS", 3600.0)
+# How the broker is told to re-read the CRL after a rebuild: SIGHUP to the pid in this file
+# (Mosquitto's `pid_file`), and/or this command (run without a shell, e.g.
+# `docker kill --signal HUP argus-mosquitto-1`). Neither set: the CRL is rebuilt, not applied.
+ARGUS_BROKER_PID_FILE = env("ARGUS_BROKER_PID_FILE", "")
+ARGUS_BROKER_RELOAD_COMMAND = env("ARGUS_BROKER_RELOAD_COMMAND", "")
+CELERY_BEAT_SCHEDULE["crl-renew"] = {"task": "devices.tasks.crl_renew", "schedule": ARGUS_CRL_CHECK_SECONDS}
+
+# /readyz is answered ahead of the tenant middleware (any host, database down included).
+MIDDLEWARE = ["argus.views.probe_middleware", *MIDDLEWARE]
+# /readyz runs these checks (dotted paths to functions returning argus.health.CheckResult) and
+# answers 503 when one fails. Append to add one.
+ARGUS_READINESS_CHECKS = [
+    "argus.health.database_check",
+    "devices.health.crl_check",
+]
+# /readyz fails when the broker's CRL (ARGUS_PKI_DIR/crl.pem) runs out sooner than this.
+ARGUS_READY_CRL_MIN_SECONDS = env_int("ARGUS_READY_CRL_MIN_SECONDS", 24 * 3600)

@@ -3,11 +3,12 @@
 from django.urls import path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
-from argus.views import healthz, metrics
+from argus.views import healthz, metrics, readyz
 from telemetry.api.views import TelemetryIngestView
 
 urlpatterns = [
     path("healthz", healthz, name="healthz"),
+    path("readyz", readyz, name="readyz"),
     path("metrics", metrics, name="metrics"),
     path("api/v1/telemetry", TelemetryIngestView.as_view(), name="telemetry-ingest"),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),

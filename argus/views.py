@@ -2,11 +2,14 @@
 
 import hmac
 import ipaddress
+from collections.abc import Callable
 
 from django.conf import settings
 from django.db import connection
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+from argus.health import run_checks
 
 
 def healthz(request: HttpRequest) -> JsonResponse:
@@ -14,6 +17,29 @@ def healthz(request: HttpRequest) -> JsonResponse:
     with connection.cursor() as cursor:
         cursor.execute("SELECT 1")
     return JsonResponse({"status": "ok"})
+
+
+def readyz(request: HttpRequest) -> JsonResponse:
+    """Readiness: every check of settings.ARGUS_READINESS_CHECKS; 503 when one fails."""
+    results = run_checks()
+    ready = all(result.ok is not False for result in results)
+    body = {
+        "status": "ok" if ready else "fail",
+        "checks": [{"name": r.name, "status": r.status, "detail": r.detail} for r in results],
+    }
+    return JsonResponse(body, status=200 if ready else 503)
+
+
+def probe_middleware(get_response: Callable[[HttpRequest], HttpResponse]) -> Callable[[HttpRequest], HttpResponse]:
+    """Answer /readyz before the tenant middleware: on any host, and with a 503 body (not an
+    error page) when the database that the tenant lookup needs is down."""
+
+    def middleware(request: HttpRequest) -> HttpResponse:
+        if request.path_info == "/readyz":
+            return readyz(request)
+        return get_response(request)
+
+    return middleware
 
 
 def metrics(request: HttpRequest) -> HttpResponse:

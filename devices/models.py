@@ -4,17 +4,28 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models, transaction
 from django.db.models import F, Q
 
+from argus.identity import is_reserved_identifier
 from devices import validation
 
+# No MQTT wildcard (+ #) or level separator (/): the id is a topic level and, as a certificate
+# CN, the username the broker substitutes for %u in ACL patterns, which must match one topic.
 logical_identifier_validator = RegexValidator(
     r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$",
     "Letters, digits and . _ : - only (it is an MQTT topic level), at most 128 characters.",
 )
+
+
+def reserved_identifier_validator(value: str) -> None:
+    """Refuse the names of platform services (argus/identity.py): a device so named would share
+    the bridge's MQTT username, ACL rights and client id."""
+    if is_reserved_identifier(value, [settings.ARGUS_BRIDGE_CLIENT_ID]):
+        raise ValidationError("This name is reserved for a platform service.", code="reserved")
 
 
 class ProcessingMode(models.TextChoices):
@@ -118,7 +129,9 @@ class Device(models.Model):
 
     device_type = models.ForeignKey(DeviceType, on_delete=models.PROTECT, related_name="devices")
     name = models.CharField(max_length=200)
-    logical_identifier = models.CharField(max_length=128, unique=True, validators=[logical_identifier_validator])
+    logical_identifier = models.CharField(
+        max_length=128, unique=True, validators=[logical_identifier_validator, reserved_identifier_validator]
+    )
     device_role = models.CharField(max_length=20, choices=DeviceRole.choices, default=DeviceRole.STANDALONE)
     parent_device = models.ForeignKey(
         "self",
@@ -151,19 +164,43 @@ class Device(models.Model):
     def __str__(self) -> str:
         return self.logical_identifier
 
+    # The identity as loaded from the database, so save() can tell a rename (None: unknown).
+    _loaded_logical_identifier: str | None = None
+
     def save(self, *args: Any, **kwargs: Any) -> None:
         from argus.registry import registry_sync
+        from devices.services import certificate_revoke_identity
 
+        update_fields = kwargs.get("update_fields")
+        renamed = False
         with transaction.atomic():
+            if self.pk is not None and (update_fields is None or "logical_identifier" in update_fields):
+                before = getattr(self, "_loaded_logical_identifier", None)
+                if before is None:
+                    before = Device.objects.filter(pk=self.pk).values_list("logical_identifier", flat=True).first()
+                renamed = before is not None and before != self.logical_identifier
             super().save(*args, **kwargs)
             registry_sync(devices=[self])
+            if renamed:
+                # Its certificates name the old id, which another tenant may now register.
+                certificate_revoke_identity(device_id=self.pk, reason="device renamed")
+        self._loaded_logical_identifier = self.logical_identifier
 
     def delete(self, *args: Any, **kwargs: Any) -> tuple[int, dict[str, int]]:
         from argus.registry import registry_remove
+        from devices.services import certificate_revoke_identity
 
         with transaction.atomic():
             registry_remove(device_ids=[self.pk])
+            # The ledger keeps the revoked serials after the certificate rows cascade away.
+            certificate_revoke_identity(device_id=self.pk, reason="device deleted")
             return super().delete(*args, **kwargs)
+
+    @classmethod
+    def from_db(cls, db: str | None, field_names: Any, values: Any) -> Device:
+        instance = super().from_db(db, field_names, values)
+        instance._loaded_logical_identifier = instance.__dict__.get("logical_identifier")
+        return instance
 
     def clean(self) -> None:
         from argus.models import DeviceRegistration

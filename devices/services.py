@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+import os
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 
+from django.conf import settings
 from django.db import transaction
+from django.db.models import QuerySet
 from django.utils import timezone
 from django_tenants.utils import schema_context
 
-from argus.models import DeviceAPIKey, Organization
-from argus.registry import registry_lookup
+from argus.identity import is_reserved_identifier
+from argus.models import CertificateLedgerEntry, CertificateStatus, DeviceAPIKey, Organization
+from argus.registry import current_schema, current_tenant, registry_lookup
 from devices import pki
 from devices.models import Device, DeviceCertificate
 
@@ -21,24 +26,49 @@ logger = logging.getLogger(__name__)
 def certificate_issue(
     *, device: Device, out_dir: Path, days: int, passphrase: bytes | None = None
 ) -> DeviceCertificate:
-    """Issue an mTLS client certificate (CN = logical id) for the device and record it."""
+    """Issue an mTLS client certificate (CN = logical id) for the device, record it and enter it in the ledger."""
+    if is_reserved_identifier(device.logical_identifier, [settings.ARGUS_BRIDGE_CLIENT_ID]):
+        raise pki.PkiError(f"{device.logical_identifier!r} is reserved for a platform service")
     issued = pki.issue_device(out_dir, device.logical_identifier, days=days, passphrase=passphrase)
     try:
-        return DeviceCertificate.objects.create(
-            device=device,
-            serial_number=issued.serial,
-            fingerprint_sha256=issued.fingerprint_sha256,
-            subject_cn=issued.subject_cn,
-            not_before=issued.not_before,
-            not_after=issued.not_after,
-            pem=issued.pem,
-        )
+        with transaction.atomic():
+            tenant = current_tenant()
+            CertificateLedgerEntry.objects.create(
+                serial_number=issued.serial,
+                fingerprint_sha256=issued.fingerprint_sha256,
+                logical_identifier=issued.subject_cn,
+                tenant=tenant,
+                tenant_schema=tenant.schema_name,
+                device_id=device.pk,
+                not_before=issued.not_before,
+                not_after=issued.not_after,
+            )
+            return DeviceCertificate.objects.create(
+                device=device,
+                serial_number=issued.serial,
+                fingerprint_sha256=issued.fingerprint_sha256,
+                subject_cn=issued.subject_cn,
+                not_before=issued.not_before,
+                not_after=issued.not_after,
+                pem=issued.pem,
+            )
     except Exception:
         # An unrecorded certificate could never be revoked by logical id: do not leave it usable.
         logger.exception("recording certificate %s for %s failed; deleting its files", issued.serial, device)
         issued.key_path.unlink(missing_ok=True)
         issued.cert_path.unlink(missing_ok=True)
         raise
+
+
+def _ledger_revoke(entries: QuerySet[CertificateLedgerEntry], *, at: datetime, reason: str) -> list[str]:
+    """Mark the active entries of `entries` revoked; return their serials."""
+    serials = list(
+        entries.select_for_update().filter(status=CertificateStatus.ACTIVE).values_list("serial_number", flat=True)
+    )
+    CertificateLedgerEntry.objects.filter(serial_number__in=serials).update(
+        status=CertificateStatus.REVOKED, revoked_at=at, revocation_reason=reason[:64]
+    )
+    return serials
 
 
 def certificate_revoke(
@@ -61,25 +91,177 @@ def certificate_revoke(
         DeviceCertificate.objects.filter(pk__in=[c.pk for c in revoked]).update(
             revoked_at=at, revocation_reason=reason[:64]
         )
+        _ledger_revoke(
+            CertificateLedgerEntry.objects.filter(serial_number__in=[c.serial_number for c in revoked]),
+            at=at,
+            reason=reason,
+        )
     for certificate in revoked:
         certificate.revoked_at, certificate.revocation_reason = at, reason[:64]
     return revoked
 
 
-def certificate_revocations() -> list[tuple[str, datetime]]:
-    """Return (serial, revoked at) of every revoked device certificate in every tenant."""
-    revoked: list[tuple[str, datetime]] = []
-    for schema in Organization.objects.exclude(schema_name="public").values_list("schema_name", flat=True):
-        with schema_context(schema):
-            rows = DeviceCertificate.objects.filter(revoked_at__isnull=False).values_list("serial_number", "revoked_at")
-            revoked.extend((serial, at) for serial, at in rows if at is not None)
+def certificate_revoke_identity(*, device_id: int, reason: str) -> list[str]:
+    """Revoke every certificate issued to a device of the current tenant whose identity ends
+    (renamed or deleted); return the serials. Call inside the transaction that ends it.
+
+    The certificate's CN is the old logical id, which another tenant may register next: left
+    valid, it would publish into that tenant. The broker learns of it through the CRL, which
+    `certificate_crl_renew` rebuilds after commit.
+    """
+    at = timezone.now()
+    tenant_schema = current_schema()
+    serials = _ledger_revoke(
+        CertificateLedgerEntry.objects.filter(tenant_schema=tenant_schema, device_id=device_id), at=at, reason=reason
+    )
+    DeviceCertificate.objects.filter(device_id=device_id, revoked_at__isnull=True).update(
+        revoked_at=at, revocation_reason=reason[:64]
+    )
+    if serials:
+        logger.info("revoked %d certificate(s) of device %s in %s: %s", len(serials), device_id, tenant_schema, reason)
+        _crl_renew_after_commit()
+    return serials
+
+
+def _crl_renew_after_commit() -> None:
+    """Have a worker rebuild the CRL and reload the broker once this transaction commits.
+
+    Only where a CA is configured: the worker needs the CA key, and without a PKI there is no
+    broker to tell. The beat task (`devices.tasks.crl_renew`) catches anything this misses.
+    """
+    if not (Path(settings.ARGUS_PKI_DIR) / pki.CA_CERT).exists():
+        return
+    from devices.tasks import crl_renew
+
+    transaction.on_commit(lambda: crl_renew.delay())
+
+
+def certificate_ledger_reconcile(*, at: datetime | None = None) -> int:
+    """Revoke active ledger entries whose identity is gone; return how many.
+
+    An entry is gone when its tenant was deleted, or its device no longer exists under the
+    logical id the certificate names (deleted or renamed by a path that skipped the model,
+    such as a bulk delete or raw SQL). One query per tenant holding active certificates.
+    """
+    at = at or timezone.now()
+    revoked = 0
+    with transaction.atomic():
+        revoked += len(
+            _ledger_revoke(CertificateLedgerEntry.objects.filter(tenant__isnull=True), at=at, reason="tenant deleted")
+        )
+        active = (
+            CertificateLedgerEntry.objects.filter(status=CertificateStatus.ACTIVE)
+            .values_list("tenant_schema", "serial_number", "device_id", "logical_identifier")
+            .order_by("tenant_schema")
+        )
+        by_schema: dict[str, list[tuple[str, int, str]]] = {}
+        for schema, serial, device_id, logical_id in active:
+            by_schema.setdefault(schema, []).append((serial, device_id, logical_id))
+        for schema, entries in by_schema.items():
+            with schema_context(schema):
+                alive = set(
+                    Device.objects.filter(pk__in=[device_id for _, device_id, _ in entries]).values_list(
+                        "pk", "logical_identifier"
+                    )
+                )
+            gone = [serial for serial, device_id, logical_id in entries if (device_id, logical_id) not in alive]
+            if gone:
+                revoked += len(
+                    _ledger_revoke(
+                        CertificateLedgerEntry.objects.filter(serial_number__in=gone), at=at, reason="identity gone"
+                    )
+                )
+    if revoked:
+        logger.warning("certificate ledger: revoked %d certificate(s) whose device or tenant is gone", revoked)
     return revoked
 
 
+def certificate_revocations(*, at: datetime | None = None) -> list[tuple[str, datetime]]:
+    """Return (serial, revoked at) of every revoked device certificate that has not yet expired.
+
+    From the ledger, so a serial stays listed after its device and tenant are gone. An expired
+    certificate fails the broker's validity check anyway, so it leaves the list a day after
+    expiry (clock skew), which keeps the CRL the size of the live fleet.
+    """
+    cutoff = (at or timezone.now()) - timedelta(days=1)
+    rows = (
+        CertificateLedgerEntry.objects.filter(status=CertificateStatus.REVOKED, not_after__gt=cutoff)
+        .order_by("revoked_at")
+        .values_list("serial_number", "revoked_at")
+    )
+    return [(serial, revoked_at) for serial, revoked_at in rows if revoked_at is not None]
+
+
 def certificate_crl_publish(*, out_dir: Path, days: int = 7, passphrase: bytes | None = None) -> tuple[Path, int]:
-    """Rebuild the CRL file from the database; return its path and how many serials it lists."""
+    """Rebuild the CRL file from the ledger; return its path and how many serials it lists."""
     revoked = certificate_revocations()
     return pki.build_crl(out_dir, revoked, days=days, passphrase=passphrase), len(revoked)
+
+
+@dataclass(frozen=True)
+class CrlRenewal:
+    """What `certificate_crl_renew` did."""
+
+    path: Path
+    rebuilt: bool
+    reason: str
+    listed: int
+    next_update: datetime
+    reloaded: bool
+
+
+def certificate_crl_renew(
+    *,
+    out_dir: Path | None = None,
+    days: int | None = None,
+    renew_within: timedelta | None = None,
+    passphrase: bytes | None = None,
+) -> CrlRenewal | None:
+    """Keep the broker's CRL current: rebuild it from the ledger when it is missing, runs out
+    within `renew_within`, or lacks a revoked serial; then run the broker reload hook.
+    Returns None when no CA is configured in out_dir (nothing to do)."""
+    out_dir = Path(out_dir or settings.ARGUS_PKI_DIR)
+    if not (out_dir / pki.CA_KEY).exists():
+        return None
+    days = days or settings.ARGUS_CRL_DAYS
+    renew_within = renew_within or timedelta(seconds=settings.ARGUS_CRL_RENEW_WITHIN_SECONDS)
+    certificate_ledger_reconcile()
+    revoked = certificate_revocations()
+    path = out_dir / pki.CRL_FILE
+    reason = ""
+    if not path.exists():
+        reason = "missing"
+    else:
+        current = pki.load_crl(path)
+        next_update = current.next_update_utc
+        if next_update is None or next_update - timezone.now() < renew_within:
+            reason = "expiring"
+        elif {pki.normalize_serial(s) for s, _ in revoked} - {format(r.serial_number, "x") for r in current}:
+            reason = "new revocations"
+    if not reason:
+        current = pki.load_crl(path)
+        assert current.next_update_utc is not None
+        return CrlRenewal(path, False, "current", len(revoked), current.next_update_utc, False)
+    pki.build_crl(out_dir, revoked, days=days, passphrase=passphrase or _passphrase())
+    next_update = pki.load_crl(path).next_update_utc
+    assert next_update is not None
+    reloaded = pki.reload_broker(
+        pid_file=settings.ARGUS_BROKER_PID_FILE or None, command=settings.ARGUS_BROKER_RELOAD_COMMAND or None
+    )
+    logger.info(
+        "CRL rebuilt (%s): %d serial(s), valid until %s, broker %s",
+        reason,
+        len(revoked),
+        next_update.isoformat(),
+        "reloaded" if reloaded else "NOT reloaded (no ARGUS_BROKER_PID_FILE / ARGUS_BROKER_RELOAD_COMMAND)",
+    )
+    return CrlRenewal(path, True, reason, len(revoked), next_update, reloaded)
+
+
+def _passphrase() -> bytes | None:
+    """The CA key passphrase from the environment (ARGUS_PKI_PASSPHRASE), for unattended renewal."""
+    value = os.environ.get(pki.PASSPHRASE_ENV, "")
+    return value.encode("utf-8") if value else None
 
 
 # --------------------------------------------------------------------------- HTTP API keys

@@ -15,7 +15,7 @@ from devices import pki
 from devices.models import Device, DeviceCertificate
 from devices.services import certificate_crl_publish, certificate_issue, certificate_revoke
 
-PASSPHRASE_ENV = "ARGUS_PKI_PASSPHRASE"  # noqa: S105 - the variable's name, not a secret
+PASSPHRASE_ENV = pki.PASSPHRASE_ENV
 
 
 def _passphrase() -> bytes | None:
@@ -68,17 +68,25 @@ class Command(BaseCommand):
         p.add_argument("--serial", metavar="S", help="revoke only this serial (hex); default: all of the device's")
         p.add_argument("--tenant", metavar="SCHEMA")
         p.add_argument("--reason", default="", help="free text kept with the certificate")
-        p.add_argument("--crl-days", type=int, default=7)
+        p.add_argument("--crl-days", type=int, default=None, help="CRL validity (default settings.ARGUS_CRL_DAYS)")
 
-        p = sub.add_parser("crl", help="rebuild crl.pem from revocations in every tenant")
+        p = sub.add_parser("crl", help="rebuild crl.pem from the certificate ledger, then run the broker reload hook")
         self._add_out(p)
-        p.add_argument("--days", type=int, default=7, help="validity; rebuild before it runs out")
+        p.add_argument(
+            "--days", type=int, default=None, help="validity (default ARGUS_CRL_DAYS); rebuild before it runs out"
+        )
 
         p = sub.add_parser("mosquitto-config", help="write the broker's mTLS listener and ACL")
         self._add_out(p)
         p.add_argument("--port", type=int, default=8883)
         p.add_argument("--bind", default="0.0.0.0")  # noqa: S104 - a broker listens on all interfaces
-        p.add_argument("--bridge-username", default="argus-bridge")
+        p.add_argument(
+            "--bridge-username",
+            action="append",
+            default=None,
+            metavar="NAME",
+            help="CN of a bridge's client certificate (repeat for several bridges; default argus-bridge)",
+        )
 
     @staticmethod
     def _add_out(parser: CommandParser) -> None:
@@ -148,19 +156,30 @@ class Command(BaseCommand):
             self._say(f"{logical_id}: no unrevoked certificate to revoke")
         for certificate in revoked:
             self._say(f"revoked {logical_id} serial {certificate.serial_number}")
-        path, count = certificate_crl_publish(out_dir=out, days=options["crl_days"], passphrase=_passphrase())
-        self._say(f"CRL {path} lists {count} serial(s); send the broker SIGHUP to apply it")
+        days = options["crl_days"] or settings.ARGUS_CRL_DAYS
+        path, count = certificate_crl_publish(out_dir=out, days=days, passphrase=_passphrase())
+        self._say(f"CRL {path} lists {count} serial(s); {self._reload()}")
 
     def _crl(self, out: Path, options: dict[str, Any]) -> None:
-        path, count = certificate_crl_publish(out_dir=out, days=options["days"], passphrase=_passphrase())
-        self._say(f"CRL {path} lists {count} serial(s), valid {options['days']} day(s); send the broker SIGHUP")
+        days = options["days"] or settings.ARGUS_CRL_DAYS
+        path, count = certificate_crl_publish(out_dir=out, days=days, passphrase=_passphrase())
+        self._say(f"CRL {path} lists {count} serial(s), valid {days} day(s); {self._reload()}")
+
+    @staticmethod
+    def _reload() -> str:
+        """Run the broker reload hook if one is configured; say what the operator must do."""
+        if pki.reload_broker(
+            pid_file=settings.ARGUS_BROKER_PID_FILE or None, command=settings.ARGUS_BROKER_RELOAD_COMMAND or None
+        ):
+            return "broker reloaded"
+        return "send the broker SIGHUP to apply it (or set ARGUS_BROKER_PID_FILE / ARGUS_BROKER_RELOAD_COMMAND)"
 
     def _mosquitto_config(self, out: Path, options: dict[str, Any]) -> None:
         conf = pki.mosquitto_config(
             out,
             port=options["port"],
             bind=options["bind"],
-            bridge_username=options["bridge_username"],
+            bridge_username=options["bridge_username"] or ["argus-bridge"],
             passphrase=_passphrase(),
         )
         self._say(f"listener config {conf} and ACL {out.resolve() / pki.ACL_FILE}")
