@@ -105,6 +105,9 @@ REDIS_URL = env("REDIS_URL", DEFAULT_SERVICE_URLS["REDIS_URL"])
 MQTT_URL = env("MQTT_URL", DEFAULT_SERVICE_URLS["MQTT_URL"])
 NATS_URL = env("NATS_URL", DEFAULT_SERVICE_URLS["NATS_URL"])
 ARGUS_PKI_DIR = Path(env("ARGUS_PKI_DIR", str(BASE_DIR / ".pki")))
+# Optional: a directory that receives a copy of the CA certificate and the CRL whenever the CRL is
+# renewed, for processes that must not see the CA key (see docker/compose.yaml).
+ARGUS_PKI_PUBLIC_DIR = env("ARGUS_PKI_PUBLIC_DIR", "")
 
 DATABASES = {
     "default": {

@@ -573,6 +573,19 @@ def mosquitto_config(
     return conf_path
 
 
+def publish_public_files(out_dir: Path, public_dir: Path) -> list[Path]:
+    """Copy the CA certificate and the CRL (nothing secret) to where processes that must never
+    read the CA key find them (the compose file's web, bridge and ingest containers); returns
+    the files written."""
+    written = []
+    for name in (CA_CERT, CRL_FILE):
+        source = out_dir / name
+        if source.exists():
+            _write_atomic(public_dir / name, source.read_bytes(), 0o644)
+            written.append(public_dir / name)
+    return written
+
+
 def reload_broker(*, pid_file: str | Path | None = None, command: str | None = None) -> bool:
     """Tell the broker to re-read its CRL: SIGHUP to the pid in pid_file, and/or run command
     (split like a shell line, run without a shell). Returns whether a hook was configured and ran.

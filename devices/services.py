@@ -241,8 +241,10 @@ def certificate_crl_renew(
     if not reason:
         current = pki.load_crl(path)
         assert current.next_update_utc is not None
+        _publish_public(out_dir)
         return CrlRenewal(path, False, "current", len(revoked), current.next_update_utc, False)
     pki.build_crl(out_dir, revoked, days=days, passphrase=passphrase or _passphrase())
+    _publish_public(out_dir)
     next_update = pki.load_crl(path).next_update_utc
     assert next_update is not None
     reloaded = pki.reload_broker(
@@ -256,6 +258,12 @@ def certificate_crl_renew(
         "reloaded" if reloaded else "NOT reloaded (no ARGUS_BROKER_PID_FILE / ARGUS_BROKER_RELOAD_COMMAND)",
     )
     return CrlRenewal(path, True, reason, len(revoked), next_update, reloaded)
+
+
+def _publish_public(out_dir: Path) -> None:
+    """Keep the public copy of the CA certificate and CRL (ARGUS_PKI_PUBLIC_DIR) in step."""
+    if settings.ARGUS_PKI_PUBLIC_DIR:
+        pki.publish_public_files(out_dir, Path(settings.ARGUS_PKI_PUBLIC_DIR))
 
 
 def _passphrase() -> bytes | None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from django.contrib.auth import get_user_model
 from django.test import Client, override_settings
 from django_tenants.utils import schema_context
@@ -103,7 +104,7 @@ def _login(client: Client, username: str, password: str) -> int:
     return response.status_code
 
 
-@pytest.mark.django_db(transaction=True)
+@pytest.mark.django_db
 @override_settings(AXES_FAILURE_LIMIT=3)
 def test_it_locks_out_a_password_guesser_and_only_in_that_tenant(alpha: TenantPersona, beta: TenantPersona) -> None:
     username = f"admin-{uuid.uuid4().hex[:6]}"
@@ -171,3 +172,28 @@ def test_it_never_logs_the_mqtt_password(
     logged: Any = running.bridge.log_path.read_text(errors="replace")
     assert "bridge:***@" in logged
     assert password not in logged
+
+
+def test_it_keeps_the_ca_key_out_of_the_web_container() -> None:
+    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    services = compose["services"]
+    for name in ("web", "bridge", "ingest", "beat"):
+        mounts = services[name].get("volumes", [])
+        assert [m for m in mounts if m.split(":")[0] == "pki"] == [], f"{name} mounts the CA's volume"
+        assert services[name]["environment"]["ARGUS_PKI_DIR"] == "/pki-public"
+    assert "pki:/pki" in services["worker"]["volumes"]  # it renews the CRL, which needs the key
+
+
+@pytest.mark.django_db
+def test_it_publishes_only_the_ca_certificate_and_the_crl(tmp_path: Path, settings: Any) -> None:
+    from devices import pki
+    from devices.services import certificate_crl_renew
+
+    out, public = tmp_path / "pki", tmp_path / "public"
+    pki.init_ca(out)
+    settings.ARGUS_PKI_PUBLIC_DIR = str(public)
+    renewal = certificate_crl_renew(out_dir=out)
+    assert renewal is not None and renewal.rebuilt
+    assert sorted(p.name for p in public.iterdir()) == ["ca.crt", "crl.pem"]
+    assert (public / "crl.pem").read_bytes() == (out / "crl.pem").read_bytes()
+    assert b"PRIVATE KEY" not in b"".join(p.read_bytes() for p in public.iterdir())
