@@ -246,10 +246,14 @@ SPECTACULAR_SETTINGS = {
     "TITLE": "Argus API",
     "DESCRIPTION": "IoT telemetry ingestion and platform API.",
     "VERSION": "1.0.0",
+    # 3.1: full JSON Schema, so the telemetry body's schema can say what the endpoint refuses
+    # (metric names are constrained through propertyNames, which 3.0 lacks).
+    "OAS_VERSION": "3.1.0",
 }
 
 # --- Pipeline -------------------------------------------------------------------------------
-# Largest MQTT/HTTP payload accepted (bytes); larger ones are dead-lettered / refused with 413.
+# Largest MQTT/HTTP payload accepted (bytes); larger ones are rejected (stored cut to this size
+# as a rejected raw row of the device; dead letters when the device is unknown) / refused with 413.
 ARGUS_MAX_PAYLOAD_BYTES = env_int("ARGUS_MAX_PAYLOAD_BYTES", 256 * 1024)
 # Readings whose timestamp is further than this from the receive time are rejected.
 ARGUS_MAX_FUTURE_SECONDS = env_int("ARGUS_MAX_FUTURE_SECONDS", 24 * 3600)

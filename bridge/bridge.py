@@ -47,6 +47,7 @@ RECEIVED = Counter("argus_bridge_messages_received_total", "MQTT messages receiv
 FORWARDED = Counter("argus_bridge_messages_forwarded_total", "Messages stored in JetStream and acknowledged")
 DEAD_LETTERED = Counter("argus_bridge_dead_lettered_total", "Messages sent to the dead-letter stream", ["reason"])
 RATE_LIMITED = Counter("argus_bridge_rate_limited_total", "Messages over their device's rate limit, stored as rejected")
+OVERSIZED = Counter("argus_bridge_oversized_total", "Oversized payloads of known devices, sent on to be rejected")
 PUBLISH_RETRIES = Counter("argus_bridge_publish_retries_total", "JetStream publishes tried again")
 INFLIGHT = Gauge("argus_bridge_inflight", "Messages published and awaiting their PubAck")
 ROUTE_LOOKUPS = Counter("argus_bridge_route_lookups_total", "Device route lookups", ["source"])
@@ -323,6 +324,9 @@ class MqttBridge:
                 await self._dead_letter(message, logical_id, received_us, *refusal)
                 continue
             assert route is not None
+            if len(message.payload) > self.max_payload:
+                await self._forward_oversized(message, logical_id, received_us, route)
+                continue
             record = js_defs.EnvelopeRecord(logical_id, js_defs.new_message_id(), received_us, message.payload)
             allowed = self.rate_limit.allow(logical_id, now)
             (by_tenant if allowed else limited).setdefault(route.schema, []).append((message, record))
@@ -359,16 +363,36 @@ class MqttBridge:
         return stamp
 
     def _refusal(self, logical_id: str, payload: bytes, route: Route | None) -> tuple[str, str] | None:
-        """Why a message goes to the dead-letter stream instead of its tenant, or None."""
+        """Why a message goes to the dead-letter stream instead of its tenant, or None.
+
+        Only messages no tenant can be found for: a known device's oversized or non-UTF-8 payload
+        is its tenant's to see, as a rejected raw row (`_forward_oversized`; ingest's adapters
+        refuse non-UTF-8).
+        """
         if route is None:
             return "unknown_device", f"no device {logical_id!r} on this platform"
-        if len(payload) > self.max_payload:
-            return "oversized", f"payload of {len(payload)} bytes exceeds {self.max_payload}"
-        try:
-            payload.decode("utf-8")
-        except UnicodeDecodeError:
-            return "not_utf8", "payload is not valid UTF-8"
         return None
+
+    async def _forward_oversized(
+        self, message: mqtt.MQTTMessage, logical_id: str, received_us: int, route: Route
+    ) -> None:
+        """An oversized payload of a known device goes to its tenant on its own, cut to the size
+        limit (what JetStream and the raw table hold stays bounded), with the refusal in a header:
+        ingest stores it as a rejected raw row with that reason."""
+        headers = js_defs.telemetry_headers(logical_id=logical_id, received_ms=received_us / 1000, transport="mqtt")
+        headers[js_defs.H_REASON] = (
+            f"payload of {len(message.payload)} bytes exceeds {self.max_payload} "
+            f"(only its first {self.max_payload} bytes are kept)"
+        )
+        OVERSIZED.inc()
+        log.warning("oversized device=%s bytes=%d", logical_id, len(message.payload))
+        pending = Pending(
+            acks=[(message.mid, message.qos)],
+            subject=js_defs.telemetry_subject(route.schema, route.device_id),
+            payload=message.payload[: self.max_payload],
+            headers=headers,
+        )
+        await self._send(pending)
 
     async def _dead_letter(
         self, message: mqtt.MQTTMessage, logical_id: str, received_us: int, code: str, reason: str

@@ -7,12 +7,15 @@ the caller records the message as a rejected raw row. Shapes are those of docs/i
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+
+from devices.models import logical_identifier_validator
 
 
 class Rejected(Exception):
@@ -55,6 +58,27 @@ class Decoded:
 # these checks run for every value of every reading.
 NUMBER = (int, float)
 
+# A child id becomes a device's logical identifier (an MQTT topic level, a varchar(128) column):
+# the same rules as any logical id. fullmatch: the validator's `$` also matches before a final
+# newline.
+# A plain compiled pattern: the validator's is a lazy proxy, which made every match ~3x slower.
+LOGICAL_ID = re.compile(str(logical_identifier_validator.regex.pattern))  # type: ignore[union-attr]
+MAX_EXACT_INTEGER = 2**53
+# Child ids already found valid: a fleet's ids recur in every message, and a set lookup costs a
+# quarter of the match (43 vs 175 ns). Decoding a 2000-child gateway message measured the same
+# with the check as without it (best of 30: 5.85 vs 5.95 ms; an endpoint message 3.15 vs 3.31 us).
+_valid_ids: set[str] = set()
+VALID_IDS_MEMORY = 200_000
+LOGICAL_ID_RULES = "letters, digits and . _ : - only, at most 128 characters"
+
+
+def _no_nul(text: str, what: str) -> str:
+    """PostgreSQL text cannot hold U+0000: refuse it here, with a reason, rather than have the
+    database refuse the whole batch's COPY."""
+    if "\x00" in text:
+        raise Rejected(f"{what} contains a NUL character")
+    return text
+
 
 def parse_time(value: Any, received_at: datetime, where: str) -> datetime:
     """A reading time from epoch milliseconds or RFC 3339; the receive time when absent."""
@@ -86,13 +110,16 @@ def parse_values(values: Any, where: str) -> dict[str, float]:
         raise Rejected(f"{where}values must be a non-empty object of metric: number")
     parsed: dict[str, float] = {}
     for key, value in values.items():
+        # The name first: the reasons below quote it.
+        if len(key) > 64:
+            raise Rejected(f"{where}metric name longer than 64 characters")
+        if "\x00" in key:
+            raise Rejected(f"{where}metric name contains a NUL character")
         if isinstance(value, bool) or not isinstance(value, NUMBER):
             raise Rejected(f"{where}values.{key} is not a number")
         number = float(value)
         if not math.isfinite(number):
             raise Rejected(f"{where}values.{key} is not a finite number")
-        if len(key) > 64:
-            raise Rejected(f"{where}metric name longer than 64 characters")
         parsed[key] = number
     return parsed
 
@@ -102,18 +129,35 @@ def load_json(payload: bytes) -> Any:
     try:
         return orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
-        if "utf-8" in str(exc).lower():
+        if "utf-8" in str(exc).lower() or not _is_utf8(payload):
             raise Rejected("payload is not valid UTF-8") from None
         raise Rejected(f"malformed JSON: {exc}") from None
+
+
+def _is_utf8(payload: bytes) -> bool:
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _msg_id(document: dict[str, Any]) -> str | None:
     msg_id = document.get("msg_id")
     if msg_id is None:
         return None
-    if not isinstance(msg_id, str | int) or isinstance(msg_id, bool) or not str(msg_id) or len(str(msg_id)) > 200:
+    if type(msg_id) is str and 0 < len(msg_id) <= 200 and "\x00" not in msg_id:
+        return msg_id  # the common case, first
+    if isinstance(msg_id, float) and msg_id.is_integer():
+        msg_id = int(msg_id)  # 5.0 is the integer 5 in JSON; orjson reads it as a float
+    if isinstance(msg_id, int) and not isinstance(msg_id, bool):
+        # Integers only where every JSON reader agrees on their value (IEEE doubles are exact).
+        if abs(msg_id) > MAX_EXACT_INTEGER:
+            raise Rejected(f"an integer msg_id must be at most {MAX_EXACT_INTEGER} in magnitude")
+        return str(msg_id)
+    if not isinstance(msg_id, str) or not msg_id or len(msg_id) > 200:
         raise Rejected("msg_id must be a non-empty string of at most 200 characters")
-    return str(msg_id)
+    return _no_nul(str(msg_id), "msg_id")
 
 
 def _children_list(document: dict[str, Any], max_children: int) -> list[Any]:
@@ -136,6 +180,12 @@ def _children(document: dict[str, Any], received_at: datetime, max_children: int
         child_id = child.get("id")
         if not isinstance(child_id, str) or not child_id:
             raise Rejected(f"{where}id must be a non-empty string")
+        if child_id not in _valid_ids:
+            if not LOGICAL_ID.fullmatch(child_id):
+                raise Rejected(f"{where}id {child_id[:40]!r} is not a valid device id ({LOGICAL_ID_RULES})")
+            if len(_valid_ids) >= VALID_IDS_MEMORY:
+                _valid_ids.clear()
+            _valid_ids.add(child_id)
         time = parse_time(child["ts"], received_at, where) if "ts" in child else base_time
         readings.append(Reading(child_id=child_id, time=time, values=parse_values(child.get("values"), where)))
     return readings
@@ -145,6 +195,7 @@ def _chunk_info(document: dict[str, Any]) -> ChunkInfo:
     transaction_id, index, total = document.get("transaction_id"), document.get("chunk"), document.get("total")
     if not isinstance(transaction_id, str) or not transaction_id or len(transaction_id) > 128:
         raise Rejected("transaction_id must be a non-empty string of at most 128 characters")
+    _no_nul(transaction_id, "transaction_id")
     if not isinstance(total, int) or isinstance(total, bool) or total < 1:
         raise Rejected("total must be a positive integer")
     if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < total:

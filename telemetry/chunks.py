@@ -217,7 +217,15 @@ class ReassemblyOutcome:
 def transaction_reassemble(*, transaction_pk: int, profiles: ProfileCache) -> ReassemblyOutcome:
     """Store every reading of a complete transaction at once (idempotent: a finished transaction
     is left as it is, so running twice, or on two workers at once, gives one result)."""
-    from telemetry.ingest import BatchResult, IncomingMessage, Prepared, check_times, resolve_children, write_readings
+    from telemetry.ingest import (
+        BatchResult,
+        IncomingMessage,
+        Prepared,
+        check_times,
+        resolve_children,
+        safe_text,
+        write_readings,
+    )
 
     schema = current_schema()
     with transaction.atomic():
@@ -275,9 +283,13 @@ def transaction_reassemble(*, transaction_pk: int, profiles: ProfileCache) -> Re
             registered = resolve_children([item], schema, profiles)
             if item.status != RawStatus.ACCEPTED:
                 raise Rejected(item.reason)
+            if item.refused:
+                # Children refused one by one (another tenant's, say): the others are stored.
+                refused = set(item.refused)
+                raw_ids = [raw_id for index, raw_id in enumerate(raw_ids) if index not in refused]
         except Rejected as exc:
             tx.status = TransactionStatus.FAILED
-            tx.reason = exc.reason[:1000]
+            tx.reason = safe_text(exc.reason)
             tx.completed_at = timezone.now()
             tx.save(update_fields=["status", "reason", "completed_at"])
             _chunks_delete([tx.pk])
@@ -296,7 +308,8 @@ def transaction_reassemble(*, transaction_pk: int, profiles: ProfileCache) -> Re
         tx.status = TransactionStatus.COMPLETE
         tx.completed_at = timezone.now()
         tx.readings = result.readings
-        tx.save(update_fields=["status", "completed_at", "readings"])
+        tx.reason = item.reason
+        tx.save(update_fields=["status", "completed_at", "readings", "reason"])
         _chunks_delete([tx.pk])
     for profile in registered:
         profiles.remember_device(schema, profile)

@@ -18,7 +18,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import django.db
 import nats
+import psycopg
 from django.conf import settings
 from django.db import close_old_connections
 from django_tenants.utils import schema_context
@@ -29,7 +31,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from argus.models import Organization
 from telemetry import jetstream as js_defs
-from telemetry.ingest import BatchResult, IncomingMessage, ingest_batch
+from telemetry.ingest import BatchResult, IncomingMessage, ingest_batch, ingest_refused
 from telemetry.profiles import ProfileCache
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,19 @@ E2E_LATENCY = Histogram(
     "Receive time at the bridge/API to commit",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+
+
+# What PostgreSQL (or psycopg, before sending) refuses in a value: a NUL in text, a string over
+# its column's length, a character with no UTF-8 form. Faults of the message, never of the
+# infrastructure, so retrying cannot help.
+DATABASE_REFUSALS = (psycopg.DataError, django.db.DataError, UnicodeEncodeError)
+
+
+def _refusal_reason(exc: BaseException) -> str:
+    if isinstance(exc, UnicodeEncodeError):
+        return "a text value of the message has no UTF-8 form"
+    detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return f"the database refused a value of the message: {detail}"
 
 
 @dataclass(eq=False)  # identity: deliveries go in sets
@@ -252,6 +267,20 @@ class IngestConsumer:
                     for message in delivery.messages:
                         try:
                             _merge(total, ingest_batch(messages=[message], profiles=self.profiles))
+                        except DATABASE_REFUSALS as exc:
+                            # The message's own fault (a value the adapters let through and the
+                            # database refuses): a rejected raw row, not a redelivery loop.
+                            log.warning(
+                                "message refused by the database schema=%s device=%s key=%s: %r",
+                                schema,
+                                message.logical_id,
+                                message.key,
+                                exc,
+                            )
+                            _merge(
+                                total,
+                                ingest_refused(message=message, reason=_refusal_reason(exc), profiles=self.profiles),
+                            )
                         except Exception:
                             log.exception(
                                 "message failed schema=%s device=%s key=%s delivery=%d",
@@ -312,6 +341,7 @@ class IngestConsumer:
             received_at=js_defs.from_epoch_ms(received_ms),
             payload=msg.data,
             transport=headers.get(js_defs.H_TRANSPORT, "mqtt"),
+            refusal=headers.get(js_defs.H_REASON, ""),
         )
         return Delivery(msg=msg, schema=parts[1], messages=[message], deliveries=deliveries), ""
 

@@ -7,6 +7,7 @@ Redelivered messages are absorbed by the unique `ingest_key` of `telemetry_raw`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,8 +39,9 @@ class IncomingMessage:
     received_at: datetime
     payload: bytes
     transport: str = "mqtt"
-    # Set when the bridge already refused the message (e.g. its device is over its rate limit):
-    # the reason it gave. The message is stored as a rejected raw row without being decoded.
+    # Set when the bridge already refused the message (its device is over its rate limit, or an
+    # oversized payload, forwarded cut short so that the device's tenant still gets its rejected
+    # raw row): the reason it gave. It is stored as a rejected raw row without being decoded.
     refusal: str = ""
 
 
@@ -55,13 +57,15 @@ class Prepared:
     reason: str = ""
     # (device id, time, values) once children are resolved
     rows: list[tuple[int, datetime, dict[str, float]]] = field(default_factory=list)
+    # Indexes (in decoded.readings) of gateway children refused one by one; the others are stored.
+    refused: list[int] = field(default_factory=list)
 
     def reject(self, reason: str) -> None:
         self.set_outcome(RawStatus.REJECTED, reason)
 
     def set_outcome(self, status: str, reason: str) -> None:
         self.status = status
-        self.reason = reason[:1000]
+        self.reason = safe_text(reason)
         self.rows = []
 
     @property
@@ -69,6 +73,17 @@ class Prepared:
         if self.decoded is not None and self.decoded.msg_id is not None:
             return f"{self.message.logical_id}/m/{self.decoded.msg_id}"
         return f"{self.message.logical_id}/n/{self.message.key}"
+
+
+def safe_text(reason: str, limit: int = 1000) -> str:
+    """A reason PostgreSQL can store: reasons quote device input, which may hold NUL characters
+    (text refuses them) or, from a lenient decoder, lone surrogates (not encodable as UTF-8)."""
+    text = reason[:limit]
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    if not text.isascii():
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 @dataclass
@@ -116,6 +131,27 @@ def ingest_batch(*, messages: Sequence[IncomingMessage], profiles: ProfileCache)
     # Only now are the new children real for other transactions too.
     for profile in registered:
         profiles.remember_device(schema, profile)
+    return result
+
+
+def ingest_refused(*, message: IncomingMessage, reason: str, profiles: ProfileCache) -> BatchResult:
+    """Store one message as a rejected raw row with the given reason; commits before returning.
+
+    For a message the database refused to store as it was: its exact bytes (a bytea, which
+    refuses nothing) and the reason, so it is not redelivered until it is dead-lettered.
+    """
+    schema = current_schema()
+    device = profiles.device(schema, message.logical_id)
+    device_type = profiles.device_type(schema, device.device_type_id) if device else None
+    # What the envelope said may itself be what was refused: fit it to the columns.
+    stored = dataclasses.replace(
+        message, key=safe_text(message.key, 200), logical_id=safe_text(message.logical_id, 128)
+    )
+    item = Prepared(message=stored, device=device, device_type=device_type)
+    item.reject(reason)
+    with transaction.atomic():
+        result, _ = _write([item])
+    result.latest = {}
     return result
 
 
@@ -170,7 +206,13 @@ def check_times(decoded: Decoded, received_at: datetime) -> None:
 
 
 def resolve_children(prepared: list[Prepared], schema: str, profiles: ProfileCache) -> list[DeviceProfile]:
-    """Map gateway children to device ids, registering unknown ones where the type allows."""
+    """Map gateway children to device ids, registering unknown ones where the type allows.
+
+    A child the gateway may not speak for (another tenant's device, another gateway's, or one
+    not active) is refused on its own: its reading is left out and the raw row's reason names it,
+    while the message's other children are stored. A message none of whose children can be stored
+    is rejected.
+    """
     gateway_items = [
         p
         for p in prepared
@@ -192,78 +234,110 @@ def resolve_children(prepared: list[Prepared], schema: str, profiles: ProfileCac
             continue
         for child_id in unknown:
             to_register.setdefault(child_id, item)  # type: ignore[arg-type]
-    registered = _register_children(schema, to_register)
+    registered, foreign = _register_children(schema, to_register)
     known.update({p.logical_identifier: p for p in registered})
     for item in gateway_items:
         if item.status != RawStatus.ACCEPTED:
             continue
         assert item.decoded is not None and item.device is not None
-        for reading in item.decoded.readings:
-            child = known.get(reading.child_id or "")
+        refusals: dict[str, str] = {}
+        for index, reading in enumerate(item.decoded.readings):
+            child_id = reading.child_id or ""
+            child = known.get(child_id)
             if child is None:
-                item.reject(f"child device {reading.child_id} could not be registered (used by another tenant)")
-                break
-            if child.parent_device_id != item.device.id:
-                item.reject(f"child device {reading.child_id} belongs to another gateway")
-                break
-            if child.status != DeviceStatus.ACTIVE:
-                item.reject(f"child device {reading.child_id} is {child.status}")
-                break
-            item.rows.append((child.id, reading.time, reading.values))
+                problem = "is owned by another tenant" if child_id in foreign else "could not be registered"
+            elif child.parent_device_id != item.device.id:
+                problem = "belongs to another gateway"
+            elif child.status != DeviceStatus.ACTIVE:
+                problem = f"is {child.status}"
+            else:
+                item.rows.append((child.id, reading.time, reading.values))
+                continue
+            item.refused.append(index)
+            refusals.setdefault(child_id, problem)
+        if refusals:
+            listed = "; ".join(f"child device {c} {problem}" for c, problem in list(refusals.items())[:10])
+            if len(refusals) > 10:
+                listed += f"; and {len(refusals) - 10} more"
+            if item.rows:
+                item.reason = safe_text(f"{len(refusals)} of the children refused: {listed}")
+            else:
+                item.reject(listed)
     return registered
 
 
-def _register_children(schema: str, to_register: dict[str, Prepared]) -> list[DeviceProfile]:
-    """Insert unknown children (and their registry rows) in the current transaction."""
+def _register_children(schema: str, to_register: dict[str, Prepared]) -> tuple[list[DeviceProfile], set[str]]:
+    """Register unknown children under their gateways in the current transaction.
+
+    Returns the profiles of the children now ours, and the ids another tenant owns. The claim is
+    the insert into the public registry, whose unique logical identifier settles every race: of
+    two transactions registering one id (two tenants' gateways, two ingest processes), the second
+    waits for the first to commit, then finds the id taken. (Checking the registry first and
+    writing it last let two tenants both create the device and store its readings.)
+    """
     if not to_register:
-        return []
+        return [], set()
     tenant = current_tenant()
-    ids = list(to_register)
     with connection.cursor() as cursor:
-        # Identifiers another tenant already owns are left out (and rejected by the caller).
-        cursor.execute(
-            "SELECT logical_identifier FROM public.device_registry "
-            "WHERE logical_identifier = ANY(%s) AND tenant_id <> %s",
-            [ids, tenant.pk],
-        )
-        foreign = {row[0] for row in cursor.fetchall()}
-        ids = [i for i in ids if i not in foreign]
-        if not ids:
-            return []
-        gateways = [to_register[i] for i in ids]
-        now = timezone.now()
-        cursor.execute(
-            """
-            INSERT INTO devices (device_type_id, name, logical_identifier, device_role, parent_device_id,
-                                 network_metadata, protocol, status, metadata, created_at, updated_at)
-            SELECT t, n, l, %s, p, '{"auto_registered": true}'::jsonb, 'mqtt', 'active', '{}'::jsonb, %s, %s
-            FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::bigint[]) AS v(t, n, l, p)
-            ON CONFLICT (logical_identifier) DO NOTHING
-            """,
-            [
-                DeviceRole.CHILD,
-                now,
-                now,
-                [g.device_type.child_device_type_id or g.device_type.id for g in gateways],  # type: ignore[union-attr]
-                ids,
-                ids,
-                [g.device.id for g in gateways],  # type: ignore[union-attr]
-            ],
-        )
-        cursor.execute(
-            f"SELECT {', '.join(DEVICE_PROFILE_FIELDS)} FROM devices WHERE logical_identifier = ANY(%s)", [ids]
-        )
-        profiles = [DeviceProfile(*row) for row in cursor.fetchall()]
+        # In a fixed order, so two transactions claiming overlapping ids cannot deadlock.
         cursor.execute(
             """
             INSERT INTO public.device_registry (logical_identifier, tenant_id, device_id, created_at)
-            SELECT l, %s, d, now() FROM unnest(%s::text[], %s::bigint[]) AS v(l, d)
+            SELECT l, %s, nextval(pg_get_serial_sequence('devices', 'id')), now()
+            FROM unnest(%s::text[]) AS v(l) ORDER BY l
             ON CONFLICT (logical_identifier) DO NOTHING
+            RETURNING logical_identifier, device_id
             """,
-            [tenant.pk, [p.logical_identifier for p in profiles], [p.id for p in profiles]],
+            [tenant.pk, sorted(to_register)],
         )
-    log.info("children registered schema=%s count=%d", schema, len(profiles))
-    return profiles
+        claimed: dict[str, int] = dict(cursor.fetchall())
+        others = [i for i in to_register if i not in claimed]
+        foreign: set[str] = set()
+        if others:
+            cursor.execute(
+                "SELECT logical_identifier FROM public.device_registry "
+                "WHERE logical_identifier = ANY(%s) AND tenant_id <> %s",
+                [others, tenant.pk],
+            )
+            foreign = {row[0] for row in cursor.fetchall()}
+        if claimed:
+            gateways = [to_register[i] for i in claimed]
+            now = timezone.now()
+            cursor.execute(
+                """
+                INSERT INTO devices (id, device_type_id, name, logical_identifier, device_role, parent_device_id,
+                                     network_metadata, protocol, status, metadata, created_at, updated_at)
+                SELECT i, t, l, l, %s, p, '{"auto_registered": true}'::jsonb, 'mqtt', 'active', '{}'::jsonb, %s, %s
+                FROM unnest(%s::bigint[], %s::bigint[], %s::text[], %s::bigint[]) AS v(i, t, l, p)
+                ON CONFLICT (logical_identifier) DO NOTHING
+                """,
+                [
+                    DeviceRole.CHILD,
+                    now,
+                    now,
+                    list(claimed.values()),
+                    [g.device_type.child_device_type_id or g.device_type.id for g in gateways],  # type: ignore[union-attr]
+                    list(claimed),
+                    [g.device.id for g in gateways],  # type: ignore[union-attr]
+                ],
+            )
+        # Ours: claimed just now, or by another transaction of this tenant that committed while
+        # our claim waited for it.
+        mine = [i for i in to_register if i not in foreign]
+        cursor.execute(
+            f"SELECT {', '.join(DEVICE_PROFILE_FIELDS)} FROM devices WHERE logical_identifier = ANY(%s)", [mine]
+        )
+        profiles = [DeviceProfile(*row) for row in cursor.fetchall()]
+        # A device row that existed without its registry row keeps its id; the registry follows it.
+        moved = [(p.logical_identifier, p.id) for p in profiles if claimed.get(p.logical_identifier, p.id) != p.id]
+        if moved:
+            cursor.execute(
+                "UPDATE public.device_registry r SET device_id = v.d FROM unnest(%s::text[], %s::bigint[]) AS v(l, d) "
+                "WHERE r.logical_identifier = v.l AND r.tenant_id = %s",
+                [[m[0] for m in moved], [m[1] for m in moved], tenant.pk],
+            )
+    log.info("children registered schema=%s count=%d refused=%d", schema, len(claimed), len(foreign))
+    return profiles, foreign
 
 
 def _write(prepared: list[Prepared]) -> tuple[BatchResult, dict[str, int]]:

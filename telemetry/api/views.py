@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 import threading
 from datetime import datetime
+from typing import Any
 
 import nats.errors
 from django.conf import settings
 from django_tenants.utils import schema_context
+from drf_spectacular.openapi import AutoSchema
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiRequest, OpenApiResponse, extend_schema
 from rest_framework import exceptions, status
@@ -126,8 +128,21 @@ _RETRY_AFTER = OpenApiParameter(
 )
 
 
+class _RequiredBodySchema(AutoSchema):
+    """The body is a plain JSON Schema (no serializer), which drf-spectacular leaves optional:
+    an empty body is a 400, so the schema says it is required."""
+
+    def _get_request_body(self, direction: str = "request") -> dict[str, Any] | None:
+        body: dict[str, Any] | None = super()._get_request_body(direction)
+        if body:
+            body["required"] = True
+        return body
+
+
 class TelemetryIngestView(APIView):
     """Accept one telemetry message from the authenticated device."""
+
+    schema = _RequiredBodySchema()
 
     authentication_classes = [DeviceAPIKeyAuthentication, DeviceJWTAuthentication]
     permission_classes = [IsDevice]
