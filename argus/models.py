@@ -90,6 +90,20 @@ class CertificateStatus(models.TextChoices):
     REVOKED = "revoked", "Revoked"
 
 
+class CertificateLedgerQuerySet(models.QuerySet["CertificateLedgerEntry"]):
+    """Ledger entries, with the one write every revocation path shares."""
+
+    def revoke(self, *, at: datetime, reason: str) -> list[str]:
+        """Mark the active entries among these revoked (locking them first); return their serials."""
+        serials = list(
+            self.select_for_update().filter(status=CertificateStatus.ACTIVE).values_list("serial_number", flat=True)
+        )
+        CertificateLedgerEntry.objects.filter(serial_number__in=serials).update(
+            status=CertificateStatus.REVOKED, revoked_at=at, revocation_reason=reason[:64]
+        )
+        return serials
+
+
 class CertificateLedgerEntry(models.Model):
     """Every device certificate the CA issued, platform-wide: the CRL is built from this table.
 
@@ -110,6 +124,8 @@ class CertificateLedgerEntry(models.Model):
     revoked_at = models.DateTimeField(null=True, blank=True)
     revocation_reason = models.CharField(max_length=64, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = CertificateLedgerQuerySet.as_manager()
 
     class Meta:
         db_table = "certificate_ledger"

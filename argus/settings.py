@@ -260,6 +260,13 @@ ARGUS_MAX_FUTURE_SECONDS = env_int("ARGUS_MAX_FUTURE_SECONDS", 24 * 3600)
 ARGUS_MAX_PAST_SECONDS = env_int("ARGUS_MAX_PAST_SECONDS", 365 * 24 * 3600)
 # devices.last_seen and assets.last_telemetry_at are rewritten about once per this many seconds.
 ARGUS_LAST_SEEN_RESOLUTION_SECONDS = env_float("ARGUS_LAST_SEEN_RESOLUTION_SECONDS", 30.0)
+# What the apps above telemetry do when it stores something (telemetry/hooks.py): telemetry never
+# imports them, these dotted paths wire them in.
+ARGUS_TELEMETRY_HOOKS = {
+    "batch_committed": "assets.hooks.queue_evaluation",
+    "transaction_reassembled": "assets.hooks.evaluate",
+    "devices_heard": "assets.hooks.mark_heard",
+}
 # Daily partitions of telemetry_history created ahead of time.
 ARGUS_PARTITION_DAYS_AHEAD = env_int("ARGUS_PARTITION_DAYS_AHEAD", 7)
 

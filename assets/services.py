@@ -25,6 +25,7 @@ from assets.models import (
     TransformationEngine,
     asset_type_metric_definitions,
 )
+from telemetry.selectors import latest_values_of_devices, metric_values_since
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +88,20 @@ def linked_devices(device_ids: list[int]) -> list[int]:
 
 def _held_for(rule: ThresholdRule, device_ids: list[int], since: datetime) -> bool:
     """Whether every reading of the rule's metric since `since` breaches it (duration rules)."""
+    values = metric_values_since(device_ids=device_ids, metric=rule.metric, since=since)
+    return bool(values) and all(rule.breached(v) for v in values)
+
+
+def assets_mark_heard(*, heard: datetime, device_ids: list[int], resolution: float) -> None:
+    """Move last_telemetry_at of the assets these devices feed to `heard` (within half a
+    resolution, as devices.last_seen: see telemetry/storage.py)."""
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT value FROM telemetry_history WHERE device_id = ANY(%s) AND metric = %s AND time >= %s",
-            [device_ids, rule.metric, since],
+            "UPDATE assets SET last_telemetry_at = %s "
+            "WHERE id IN (SELECT asset_id FROM asset_devices WHERE device_id = ANY(%s::bigint[])) "
+            "AND (last_telemetry_at IS NULL OR last_telemetry_at < %s - make_interval(secs => %s))",
+            [heard, bigint_array(device_ids), heard, resolution / 2],
         )
-        values = [row[0] for row in cursor.fetchall()]
-    return bool(values) and all(rule.breached(v) for v in values)
 
 
 def telemetry_evaluate(*, latest: LatestValues) -> EvaluationOutcome:
@@ -179,29 +187,6 @@ def _score(asset: Asset, values: Mapping[str, float], now: datetime) -> bool:
         health_score_computed_by=f"{algorithm.name}",
     )
     return True
-
-
-def latest_values_of_devices(device_ids: list[int]) -> dict[int, tuple[datetime, dict[str, float]]]:
-    """The newest value of every metric of each device, from telemetry_history."""
-    latest: dict[int, tuple[datetime, dict[str, float]]] = {}
-    if not device_ids:
-        return latest
-    with connection.cursor() as cursor:
-        # Per (device, metric) pair the primary key index finds the newest row directly.
-        cursor.execute(
-            """
-            SELECT DISTINCT ON (device_id, metric) device_id, metric, value, time
-            FROM telemetry_history WHERE device_id = ANY(%s)
-              AND time > now() - interval '7 days'
-            ORDER BY device_id, metric, time DESC
-            """,
-            [device_ids],
-        )
-        for device_id, metric, value, time in cursor.fetchall():
-            newest, values = latest.get(device_id, (time, {}))
-            values[metric] = value
-            latest[device_id] = (max(newest, time), values)
-    return latest
 
 
 def health_recompute(*, asset_ids: list[int] | None = None) -> int:

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any
 
+from celery import current_app
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models, transaction
 from django.db.models import F, Q
+from django.utils import timezone
 
 from argus.identity import is_reserved_identifier
-from devices import validation
+from devices import pki, validation
+
+log = logging.getLogger(__name__)
 
 # No MQTT wildcard (+ #) or level separator (/): the id is a topic level and, as a certificate
 # CN, the username the broker substitutes for %u in ACL patterns, which must match one topic.
@@ -26,6 +32,18 @@ def reserved_identifier_validator(value: str) -> None:
     the bridge's MQTT username, ACL rights and client id."""
     if is_reserved_identifier(value, [settings.ARGUS_BRIDGE_CLIENT_ID]):
         raise ValidationError("This name is reserved for a platform service.", code="reserved")
+
+
+def crl_renew_after_commit() -> None:
+    """Have a worker rebuild the CRL and reload the broker once this transaction commits.
+
+    Only where a CA is configured: the worker needs the CA key, and without a PKI there is no
+    broker to tell. The beat task (`devices.tasks.crl_renew`) catches anything this misses.
+    Sent by name: the task module imports the services, which import these models.
+    """
+    if not (Path(settings.ARGUS_PKI_DIR) / pki.CA_CERT).exists():
+        return
+    transaction.on_commit(lambda: current_app.send_task("devices.tasks.crl_renew"))
 
 
 class ProcessingMode(models.TextChoices):
@@ -169,7 +187,6 @@ class Device(models.Model):
 
     def save(self, *args: Any, **kwargs: Any) -> None:
         from argus.registry import registry_sync
-        from devices.services import certificate_revoke_identity
 
         update_fields = kwargs.get("update_fields")
         renamed = False
@@ -183,18 +200,41 @@ class Device(models.Model):
             registry_sync(devices=[self])
             if renamed:
                 # Its certificates name the old id, which another tenant may now register.
-                certificate_revoke_identity(device_id=self.pk, reason="device renamed")
+                self.revoke_certificates(reason="device renamed")
         self._loaded_logical_identifier = self.logical_identifier
 
     def delete(self, *args: Any, **kwargs: Any) -> tuple[int, dict[str, int]]:
         from argus.registry import registry_remove
-        from devices.services import certificate_revoke_identity
 
         with transaction.atomic():
             registry_remove(device_ids=[self.pk])
             # The ledger keeps the revoked serials after the certificate rows cascade away.
-            certificate_revoke_identity(device_id=self.pk, reason="device deleted")
+            self.revoke_certificates(reason="device deleted")
             return super().delete(*args, **kwargs)
+
+    def revoke_certificates(self, *, reason: str) -> list[str]:
+        """Revoke every certificate issued to this device because its identity ends (renamed or
+        deleted); return the serials. Call inside the transaction that ends it.
+
+        The certificate's CN is the old logical id, which another tenant may register next: left
+        valid, it would publish into that tenant. The broker learns of it through the CRL, which
+        a worker rebuilds after commit (devices.tasks.crl_renew).
+        """
+        from argus.models import CertificateLedgerEntry
+        from argus.registry import current_schema
+
+        at = timezone.now()
+        tenant_schema = current_schema()
+        serials = CertificateLedgerEntry.objects.filter(tenant_schema=tenant_schema, device_id=self.pk).revoke(
+            at=at, reason=reason
+        )
+        DeviceCertificate.objects.filter(device_id=self.pk, revoked_at__isnull=True).update(
+            revoked_at=at, revocation_reason=reason[:64]
+        )
+        if serials:
+            log.info("revoked %d certificate(s) of device %s in %s: %s", len(serials), self.pk, tenant_schema, reason)
+            crl_renew_after_commit()
+        return serials
 
     @classmethod
     def from_db(cls, db: str | None, field_names: Any, values: Any) -> Device:

@@ -10,13 +10,12 @@ from pathlib import Path
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import QuerySet
 from django.utils import timezone
 from django_tenants.utils import schema_context
 
 from argus.identity import is_reserved_identifier
 from argus.models import CertificateLedgerEntry, CertificateStatus, DeviceAPIKey, Organization
-from argus.registry import current_schema, current_tenant, registry_lookup
+from argus.registry import current_tenant, registry_lookup
 from devices import pki
 from devices.models import Device, DeviceCertificate
 
@@ -60,17 +59,6 @@ def certificate_issue(
         raise
 
 
-def _ledger_revoke(entries: QuerySet[CertificateLedgerEntry], *, at: datetime, reason: str) -> list[str]:
-    """Mark the active entries of `entries` revoked; return their serials."""
-    serials = list(
-        entries.select_for_update().filter(status=CertificateStatus.ACTIVE).values_list("serial_number", flat=True)
-    )
-    CertificateLedgerEntry.objects.filter(serial_number__in=serials).update(
-        status=CertificateStatus.REVOKED, revoked_at=at, revocation_reason=reason[:64]
-    )
-    return serials
-
-
 def certificate_revoke(
     *,
     device: Device,
@@ -91,49 +79,13 @@ def certificate_revoke(
         DeviceCertificate.objects.filter(pk__in=[c.pk for c in revoked]).update(
             revoked_at=at, revocation_reason=reason[:64]
         )
-        _ledger_revoke(
-            CertificateLedgerEntry.objects.filter(serial_number__in=[c.serial_number for c in revoked]),
+        CertificateLedgerEntry.objects.filter(serial_number__in=[c.serial_number for c in revoked]).revoke(
             at=at,
             reason=reason,
         )
     for certificate in revoked:
         certificate.revoked_at, certificate.revocation_reason = at, reason[:64]
     return revoked
-
-
-def certificate_revoke_identity(*, device_id: int, reason: str) -> list[str]:
-    """Revoke every certificate issued to a device of the current tenant whose identity ends
-    (renamed or deleted); return the serials. Call inside the transaction that ends it.
-
-    The certificate's CN is the old logical id, which another tenant may register next: left
-    valid, it would publish into that tenant. The broker learns of it through the CRL, which
-    `certificate_crl_renew` rebuilds after commit.
-    """
-    at = timezone.now()
-    tenant_schema = current_schema()
-    serials = _ledger_revoke(
-        CertificateLedgerEntry.objects.filter(tenant_schema=tenant_schema, device_id=device_id), at=at, reason=reason
-    )
-    DeviceCertificate.objects.filter(device_id=device_id, revoked_at__isnull=True).update(
-        revoked_at=at, revocation_reason=reason[:64]
-    )
-    if serials:
-        logger.info("revoked %d certificate(s) of device %s in %s: %s", len(serials), device_id, tenant_schema, reason)
-        _crl_renew_after_commit()
-    return serials
-
-
-def _crl_renew_after_commit() -> None:
-    """Have a worker rebuild the CRL and reload the broker once this transaction commits.
-
-    Only where a CA is configured: the worker needs the CA key, and without a PKI there is no
-    broker to tell. The beat task (`devices.tasks.crl_renew`) catches anything this misses.
-    """
-    if not (Path(settings.ARGUS_PKI_DIR) / pki.CA_CERT).exists():
-        return
-    from devices.tasks import crl_renew
-
-    transaction.on_commit(lambda: crl_renew.delay())
 
 
 def certificate_ledger_reconcile(*, at: datetime | None = None) -> int:
@@ -147,7 +99,7 @@ def certificate_ledger_reconcile(*, at: datetime | None = None) -> int:
     revoked = 0
     with transaction.atomic():
         revoked += len(
-            _ledger_revoke(CertificateLedgerEntry.objects.filter(tenant__isnull=True), at=at, reason="tenant deleted")
+            CertificateLedgerEntry.objects.filter(tenant__isnull=True).revoke(at=at, reason="tenant deleted")
         )
         active = (
             CertificateLedgerEntry.objects.filter(status=CertificateStatus.ACTIVE)
@@ -167,9 +119,7 @@ def certificate_ledger_reconcile(*, at: datetime | None = None) -> int:
             gone = [serial for serial, device_id, logical_id in entries if (device_id, logical_id) not in alive]
             if gone:
                 revoked += len(
-                    _ledger_revoke(
-                        CertificateLedgerEntry.objects.filter(serial_number__in=gone), at=at, reason="identity gone"
-                    )
+                    CertificateLedgerEntry.objects.filter(serial_number__in=gone).revoke(at=at, reason="identity gone")
                 )
     if revoked:
         logger.warning("certificate ledger: revoked %d certificate(s) whose device or tenant is gone", revoked)

@@ -10,10 +10,11 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
+from django.conf import settings
 
 from devices.models import logical_identifier_validator
 
@@ -260,3 +261,12 @@ ADAPTERS: dict[str, Adapter] = {
     "argus_json": decode_argus_json,
     "flat_json": decode_flat_json,
 }
+
+
+def check_times(decoded: Decoded, received_at: datetime) -> None:
+    """Refuse readings stamped too far from the time the platform received them."""
+    earliest = received_at - timedelta(seconds=settings.ARGUS_MAX_PAST_SECONDS)
+    latest = received_at + timedelta(seconds=settings.ARGUS_MAX_FUTURE_SECONDS)
+    for reading in decoded.readings:
+        if not earliest <= reading.time <= latest:
+            raise Rejected(f"timestamp {reading.time.isoformat()} is too far from the receive time")

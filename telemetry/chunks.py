@@ -22,11 +22,13 @@ from prometheus_client import Counter
 from argus.registry import current_schema
 from argus.sql import copy_rows
 from devices.models import ProcessingMode
-from telemetry.adapters import ADAPTERS, Decoded, Rejected
+from telemetry.adapters import ADAPTERS, Decoded, Rejected, check_times
+from telemetry.children import resolve_children
+from telemetry.messages import BatchResult, IncomingMessage, Prepared, safe_text
 from telemetry.models import RawStatus, TelemetryTransaction, TransactionStatus
+from telemetry.storage import write_readings
 
 if TYPE_CHECKING:
-    from telemetry.ingest import Prepared
     from telemetry.profiles import ProfileCache
 
 log = logging.getLogger(__name__)
@@ -217,16 +219,6 @@ class ReassemblyOutcome:
 def transaction_reassemble(*, transaction_pk: int, profiles: ProfileCache) -> ReassemblyOutcome:
     """Store every reading of a complete transaction at once (idempotent: a finished transaction
     is left as it is, so running twice, or on two workers at once, gives one result)."""
-    from telemetry.ingest import (
-        BatchResult,
-        IncomingMessage,
-        Prepared,
-        check_times,
-        resolve_children,
-        safe_text,
-        write_readings,
-    )
-
     schema = current_schema()
     with transaction.atomic():
         # of=("self",): locking the joined device row as well made ingest of the gateway's next

@@ -31,7 +31,8 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from argus.models import Organization
 from telemetry import jetstream as js_defs
-from telemetry.ingest import BatchResult, IncomingMessage, ingest_batch, ingest_refused
+from telemetry.ingest import ingest_batch, ingest_refused
+from telemetry.messages import BatchResult, IncomingMessage
 from telemetry.profiles import ProfileCache
 
 log = logging.getLogger(__name__)
@@ -266,7 +267,7 @@ class IngestConsumer:
                 for delivery in deliveries:
                     for message in delivery.messages:
                         try:
-                            _merge(total, ingest_batch(messages=[message], profiles=self.profiles))
+                            total.merge(ingest_batch(messages=[message], profiles=self.profiles))
                         except DATABASE_REFUSALS as exc:
                             # The message's own fault (a value the adapters let through and the
                             # database refuses): a rejected raw row, not a redelivery loop.
@@ -277,8 +278,7 @@ class IngestConsumer:
                                 message.key,
                                 exc,
                             )
-                            _merge(
-                                total,
+                            total.merge(
                                 ingest_refused(message=message, reason=_refusal_reason(exc), profiles=self.profiles),
                             )
                         except Exception:
@@ -375,18 +375,6 @@ class IngestConsumer:
             counts = " ".join(f"{k}={v}" for k, v in sorted(self._totals.items()))
             log.info("ingest progress %s pending=%s", counts, info.num_pending)
             self._totals.clear()
-
-
-def _merge(total: BatchResult, result: BatchResult) -> None:
-    total.accepted += result.accepted
-    total.rejected += result.rejected
-    total.duplicates += result.duplicates
-    total.readings += result.readings
-    total.chunks += result.chunks
-    total.conflicts += result.conflicts
-    total.children_registered += result.children_registered
-    total.completed_transactions.extend(result.completed_transactions)
-    total.latest.update(result.latest)
 
 
 async def _log_nats_error(exc: Exception) -> None:

@@ -10,6 +10,7 @@ from django.core.cache import cache
 from django.db import connection
 
 from argus.registry import current_schema, each_tenant_schema
+from telemetry import hooks
 from telemetry.chunks import transaction_reassemble, transactions_expire, transactions_unassembled
 from telemetry.profiles import InvalidationListener, ProfileCache
 
@@ -31,13 +32,8 @@ def start_profile_invalidation() -> None:
 @shared_task(acks_late=True, reject_on_worker_lost=True, max_retries=None)
 def reassemble_transaction(transaction_pk: int) -> str:
     """Reassemble one complete chunked transaction (in its tenant); safe to run twice."""
-    from assets.services import telemetry_evaluate
-
     outcome = transaction_reassemble(transaction_pk=transaction_pk, profiles=profiles)
-    if outcome.latest:
-        # Here rather than as another task: one Celery round trip per transaction is what
-        # limited reassembly throughput, and the values are already in hand.
-        telemetry_evaluate(latest=outcome.latest)
+    hooks.transaction_reassembled(outcome.latest)
     return outcome.status
 
 

@@ -16,8 +16,8 @@ from django_tenants.utils import schema_context
 
 from argus.models import DeviceRegistration, Organization
 from argus.registry import registry_lookup
-from argus.seeding import seed_iot
 from assets.models import Alert, Asset, AssetType, ThresholdRule
+from assets.seeding import seed_iot
 from devices.models import Device, DeviceType
 from telemetry.models import RawStatus, TelemetryRaw
 from tests.conftest import TenantPersona, make_device, make_device_type, tenant_admin_client, unique_id

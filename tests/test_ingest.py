@@ -9,7 +9,8 @@ from django.test import override_settings
 from django.utils import timezone
 
 from devices.models import Device
-from telemetry.ingest import BatchResult, write_readings
+from telemetry.messages import BatchResult
+from telemetry.storage import write_readings
 from tests.conftest import TenantPersona, make_device, make_device_type
 
 

@@ -32,7 +32,9 @@ def imports_of(path: Path, modules: set[str]) -> set[str]:
             if node.level:
                 parent = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*parent, base] if base else parent)
-            names = [base] + [f"{base}.{alias.name}" for alias in node.names]
+            # `from package import module` imports that module (and the package, but that is the
+            # module's own package: not an edge worth reporting).
+            names = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
         else:
             continue
         for name in names:

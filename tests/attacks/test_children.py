@@ -23,7 +23,8 @@ from django_tenants.utils import schema_context
 from argus.models import DeviceRegistration
 from devices.models import Device, ProcessingMode
 from devices.services import api_key_create
-from telemetry.ingest import BatchResult, IncomingMessage, ingest_batch
+from telemetry.ingest import ingest_batch
+from telemetry.messages import BatchResult, IncomingMessage
 from telemetry.models import RawStatus, TelemetryHistory, TelemetryRaw
 from telemetry.profiles import ProfileCache
 from tests.conftest import TenantPersona, make_device, make_device_type, unique_id

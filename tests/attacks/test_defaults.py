@@ -20,7 +20,7 @@ from django.contrib.auth import get_user_model
 from django.test import Client, override_settings
 from django_tenants.utils import schema_context
 
-from argus.management.commands.seed_iot import admin_password_default
+from assets.management.commands.seed_iot import admin_password_default
 from bridge.bridge import redacted_url
 from devtools.services import ServerHandle
 from tests.conftest import TenantPersona

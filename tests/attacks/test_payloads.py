@@ -32,13 +32,14 @@ from hypothesis import strategies as st
 from pytest_django.fixtures import SettingsWrapper
 from schemathesis.generation.modes import GenerationMode
 
-from argus.devservices import ServerHandle, start_nats
 from devices.models import Device, ProcessingMode, ProtocolAdapter
 from devices.services import api_key_create
+from devtools.services import ServerHandle, start_nats
 from telemetry.adapters import ADAPTERS, Rejected, load_json
 from telemetry.api.views import reset_publisher
 from telemetry.consumer import Delivery, IngestConsumer
-from telemetry.ingest import IncomingMessage, ingest_batch
+from telemetry.ingest import ingest_batch
+from telemetry.messages import IncomingMessage
 from telemetry.models import RawStatus, TelemetryHistory, TelemetryRaw
 from telemetry.profiles import ProfileCache
 from tests.conftest import TenantPersona, make_device, make_device_type, unique_id

@@ -10,7 +10,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandParser
 
-from argus.seeding import DEFAULT_FIXTURE, seed_iot
+from assets.seeding import DEFAULT_FIXTURE, seed_iot
 
 
 class Command(BaseCommand):
