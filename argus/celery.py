@@ -18,10 +18,10 @@ app.autodiscover_tasks()
 
 @worker_process_init.connect
 def _start_worker_process(**kwargs: object) -> None:
+    from argus.invalidation import start_process_listeners
     from argus.runner import freeze_startup_objects
-    from telemetry.tasks import start_profile_invalidation
 
-    start_profile_invalidation()
+    start_process_listeners()
     freeze_startup_objects()
 
 

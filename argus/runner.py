@@ -16,7 +16,7 @@ from typing import Protocol
 from django.conf import settings
 from prometheus_client import start_http_server
 
-from telemetry.profiles import Invalidatable, InvalidationListener
+from argus.invalidation import Invalidatable, InvalidationListener
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ from typing import Any
 from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 
+from argus.invalidation import publish_invalidation
 from argus.registry import current_schema
 from devices.models import Device, DeviceType
-from telemetry.profiles import publish_invalidation
 
 
 @receiver([post_save, post_delete], sender=Device)

@@ -234,7 +234,9 @@ class IngestConsumer:
             MESSAGES.labels("duplicate").inc(result.duplicates)
             READINGS.inc(result.readings)
             if self.after_commit is not None:
-                self.after_commit(schema, result)
+                # On the database thread: the follow-up hooks may read the database (assets asks
+                # which of these devices feed an asset) and Django connections are per thread.
+                await asyncio.get_running_loop().run_in_executor(self._db, self.after_commit, schema, result)
         self._totals.update(batches=1, dead_lettered=outcome.dead_lettered, retried=outcome.retried)
         MESSAGES.labels("dead_lettered").inc(outcome.dead_lettered)
         MESSAGES.labels("retried").inc(outcome.retried)

@@ -25,8 +25,8 @@ def _hook(name: str) -> Callable[..., Any] | None:
 
 
 def batch_committed(latest: LatestValues) -> None:
-    """runingest, after a batch committed: the newest values per device. Must be quick (it runs
-    between batches): hand the work to Celery."""
+    """runingest, after a batch committed (on its database thread): the newest values per
+    device. Must be quick (it runs between batches): hand the work to Celery."""
     hook = _hook("batch_committed")
     if hook is not None and latest:
         hook(latest)

@@ -1,32 +1,30 @@
 """Device and device-type lookups for the hot path: in-process, then Redis, then PostgreSQL.
 
-A change to a device or type (admin, API, shell) publishes an invalidation on Redis after its
-transaction commits; every running process drops its copy, so an edit takes effect within
-moments without a restart. A TTL bounds staleness should an invalidation ever be missed.
+A change to a device or type (admin, API, shell) publishes an invalidation on the kernel's bus
+(argus/invalidation.py) after its transaction commits; every running process drops its copy,
+so an edit takes effect within moments without a restart. A TTL bounds staleness should an
+invalidation ever be missed.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Protocol
+from typing import Any
 
 from django.core.cache import cache
-from django.db import transaction
-from django_redis import get_redis_connection
 from prometheus_client import Counter
 
+from argus.invalidation import shared_key
 from devices.models import Device, DeviceType
 from devices.validation import MessageValidator
 
 log = logging.getLogger(__name__)
 
-INVALIDATION_CHANNEL = "argus:profile-invalidation"
 LOCAL_TTL_SECONDS = 60.0
 REDIS_TTL_SECONDS = 600
 MISSING_TTL_SECONDS = 5.0
@@ -181,7 +179,7 @@ class ProfileCache:
         if entry is not None and entry[0] > now:
             (LOCAL_DEVICE_HITS if kind == "device" else LOCAL_TYPE_HITS).inc()
             return entry[1]
-        redis_key = _redis_key(kind, schema, key)
+        redis_key = shared_key(kind, schema, key)
         stored = cache.get(redis_key)
         if stored is not None:
             CACHE_LOOKUPS.labels(kind, "redis").inc()
@@ -211,66 +209,3 @@ class ProfileCache:
     def _load_type(type_id: int) -> TypeProfile | None:
         device_type = DeviceType.objects.filter(pk=type_id).first()
         return type_profile_of(device_type) if device_type else None
-
-
-def _redis_key(kind: str, schema: str, key: str) -> str:
-    return f"profile:{kind}:{schema}:{key}"
-
-
-def publish_invalidation(kind: str, schema: str, key: str) -> None:
-    """After the current transaction commits, drop a profile from Redis and tell every process."""
-
-    def send() -> None:
-        try:
-            cache.delete(_redis_key(kind, schema, key))
-            get_redis_connection("default").publish(
-                INVALIDATION_CHANNEL, json.dumps({"kind": kind, "schema": schema, "key": key})
-            )
-        except Exception:
-            # The edit itself is committed; running processes pick it up when the TTL runs out.
-            log.exception("profile invalidation failed kind=%s schema=%s key=%s", kind, schema, key)
-
-    transaction.on_commit(send)
-
-
-class Invalidatable(Protocol):
-    """A cache that can drop one entry or everything."""
-
-    def invalidate(self, kind: str, schema: str, key: str) -> None: ...
-
-    def clear(self) -> None: ...
-
-
-class InvalidationListener:
-    """A daemon thread that applies invalidations published by other processes to a cache."""
-
-    def __init__(self, cache: Invalidatable) -> None:
-        self.cache = cache
-        self._thread = threading.Thread(target=self._run, name="profile-invalidation", daemon=True)
-        self._stop = threading.Event()
-        self.ready = threading.Event()
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                pubsub = get_redis_connection("default").pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(INVALIDATION_CHANNEL)
-                # Anything changed while we were not listening is unknown: start afresh.
-                self.cache.clear()
-                self.ready.set()
-                while not self._stop.is_set():
-                    message = pubsub.get_message(timeout=1.0)
-                    if message is None:
-                        continue
-                    data = json.loads(message["data"])
-                    self.cache.invalidate(data["kind"], data["schema"], data["key"])
-            except Exception:
-                log.exception("profile invalidation listener lost Redis; retrying in 1 s")
-                self.ready.clear()
-                time.sleep(1.0)

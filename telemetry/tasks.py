@@ -9,24 +9,17 @@ from django.conf import settings
 from django.core.cache import cache
 from django.db import connection
 
+from argus.invalidation import register_process_cache
 from argus.registry import current_schema, each_tenant_schema
 from telemetry import hooks
 from telemetry.chunks import transaction_reassemble, transactions_expire, transactions_unassembled
-from telemetry.profiles import InvalidationListener, ProfileCache
+from telemetry.profiles import ProfileCache
 
 log = logging.getLogger(__name__)
 
 # One profile cache per worker process, kept fresh by Redis invalidations.
 profiles = ProfileCache()
-_listener: InvalidationListener | None = None
-
-
-def start_profile_invalidation() -> None:
-    """Listen for profile changes (called once in each worker process)."""
-    global _listener
-    if _listener is None:
-        _listener = InvalidationListener(profiles)
-        _listener.start()
+register_process_cache(profiles)
 
 
 @shared_task(acks_late=True, reject_on_worker_lost=True, max_retries=None)

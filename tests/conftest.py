@@ -56,6 +56,36 @@ def public_schema_first() -> Iterator[None]:
     connection.set_schema_to_public()
 
 
+@pytest.fixture(scope="session")
+def django_db_setup(
+    request: pytest.FixtureRequest,
+    django_test_environment: None,
+    django_db_blocker: Any,
+    django_db_keepdb: bool,
+    django_db_createdb: bool,
+    django_db_modify_db_settings: None,
+) -> Iterator[None]:
+    """pytest-django's, except that the test database is always set up. Its own sets up only the
+    databases that tests marked `django_db` name, so a run of only live-database tests (the
+    `tenants` and `live_db` fixtures, e.g. `pytest tests/test_pipeline.py`) ran against the
+    development database."""
+    from django.test.utils import setup_databases, teardown_databases
+
+    keepdb = django_db_keepdb and not django_db_createdb
+    with django_db_blocker.unblock():
+        config = setup_databases(
+            verbosity=request.config.option.verbose,
+            interactive=False,
+            aliases={"default"},
+            serialized_aliases=set(),
+            keepdb=keepdb,
+        )
+    yield
+    if not keepdb:
+        with django_db_blocker.unblock():
+            teardown_databases(config, verbosity=request.config.option.verbose)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def empty_test_redis() -> None:
     """Start from an empty test Redis database: tasks queued and profiles cached by an earlier

@@ -109,3 +109,26 @@ def test_it_keeps_the_development_tools_out_of_the_runtime_apps() -> None:
 def test_it_finds_a_cycle_when_there_is_one() -> None:
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+# Each layer imports only the ones above it: argus (kernel) -> devices -> telemetry -> bridge,
+# assets. The URL configuration is the composition root: it names every app's views.
+LAYERS = {"argus": 0, "devices": 1, "telemetry": 2, "bridge": 3, "assets": 3}
+COMPOSITION_ROOTS = {"argus.urls", "argus.urls_api"}
+
+
+def test_it_has_no_import_cycle() -> None:
+    assert cycles(import_graph()) == []
+
+
+def test_it_imports_only_from_the_layers_above() -> None:
+    wrong = []
+    for module, targets in sorted(import_graph().items()):
+        app = module.split(".")[0]
+        if app not in LAYERS or module in COMPOSITION_ROOTS:
+            continue
+        for target in sorted(targets):
+            other = target.split(".")[0]
+            if other in LAYERS and other != app and LAYERS[other] >= LAYERS[app]:
+                wrong.append(f"{module} -> {target}")
+    assert wrong == []
