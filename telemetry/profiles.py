@@ -3,7 +3,9 @@
 A change to a device or type (admin, API, shell) publishes an invalidation on the kernel's bus
 (argus/invalidation.py) after its transaction commits; every running process drops its copy,
 so an edit takes effect within moments without a restart. A TTL bounds staleness should an
-invalidation ever be missed.
+invalidation ever be missed. Redis entries go through Django's cache, whose keys start with the
+database's identity (argus/cache.py): another database on the same Redis, with the same schema
+and ids, never reads them.
 """
 
 from __future__ import annotations
