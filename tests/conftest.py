@@ -22,6 +22,7 @@ from django.test import Client
 from django_tenants.utils import schema_context
 
 from argus.models import Domain, Organization
+from argus.registry import use_public_schema
 from devices.models import Device, DeviceType, ProcessingMode
 from devtools.services import ServerHandle, start_mosquitto, start_nats
 from tests.pipeline import Pipeline
@@ -51,9 +52,9 @@ def _ensure_tenant(schema: str, host: str) -> TenantPersona:
 def public_schema_first() -> Iterator[None]:
     """Each test starts on the public schema (a request through the test client leaves the
     connection on the tenant it served)."""
-    connection.set_schema_to_public()
+    use_public_schema()
     yield
-    connection.set_schema_to_public()
+    use_public_schema()
 
 
 @pytest.fixture(scope="session")
@@ -76,7 +77,7 @@ def django_db_setup(
         config = setup_databases(
             verbosity=request.config.option.verbose,
             interactive=False,
-            aliases={"default"},
+            aliases={"default": {}},
             serialized_aliases=set(),
             keepdb=keepdb,
         )
@@ -90,7 +91,7 @@ def django_db_setup(
 def empty_test_redis() -> None:
     """Start from an empty test Redis database: tasks queued and profiles cached by an earlier
     run (whose database is gone) must not reach this one's workers."""
-    redis.Redis.from_url(settings.CACHES["default"]["LOCATION"]).flushdb()
+    redis.Redis.from_url(str(settings.CACHES["default"]["LOCATION"])).flushdb()
 
 
 @pytest.fixture(scope="session")
@@ -116,11 +117,11 @@ def beta(tenants: dict[str, TenantPersona]) -> TenantPersona:
 @pytest.fixture
 def in_alpha(db: None, alpha: TenantPersona) -> Iterator[TenantPersona]:
     """Run the test (rolled back afterwards) inside tenant alpha's schema."""
-    connection.set_tenant(alpha.tenant)
+    connection.set_tenant(alpha.tenant)  # type: ignore[attr-defined]
     try:
         yield alpha
     finally:
-        connection.set_schema_to_public()
+        use_public_schema()
 
 
 @pytest.fixture
@@ -130,7 +131,7 @@ def live_db(tenants: dict[str, TenantPersona], django_db_blocker: Any) -> Iterat
         try:
             yield
         finally:
-            connection.set_schema_to_public()
+            use_public_schema()
 
 
 def unique_id(prefix: str) -> str:
@@ -168,7 +169,7 @@ def tenant_admin_client(persona: TenantPersona) -> Client:
     with schema_context(persona.schema):
         user_model = get_user_model()
         username = unique_id("admin")
-        user = user_model._default_manager.create_superuser(  # type: ignore[attr-defined]
+        user = user_model._default_manager.create_superuser(
             username=username, email=f"{username}@example.com", password="pw-for-tests"
         )
         # Sessions live in the tenant's schema too, so log in while it is active. (force_login:

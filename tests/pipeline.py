@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import orjson
 import paho.mqtt.client as mqtt
@@ -79,11 +79,15 @@ def pipeline_env(*, mqtt_url: str, nats_url: str, client_id: str) -> dict[str, s
 
 
 def wait_for(
-    check: Callable[[], T], *, timeout: float = 20, interval: float = 0.1, what: str | Callable[[], str] = "condition"
+    check: Callable[[], T | Literal[False] | None],
+    *,
+    timeout: float = 20,
+    interval: float = 0.1,
+    what: str | Callable[[], str] = "condition",
 ) -> T:
     """Poll until `check()` returns something truthy; fail after the timeout."""
     deadline = time.monotonic() + timeout
-    last: T = check()
+    last = check()
     while not last:
         if time.monotonic() > deadline:
             described = what() if callable(what) else what

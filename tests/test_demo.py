@@ -11,6 +11,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -28,7 +29,7 @@ SPARE_REDIS_DB = 13  # the tests use 15, a development instance 0
 
 
 def _server_url(database: str) -> str:
-    s = settings.DATABASES["default"]
+    s: dict[str, Any] = settings.DATABASES["default"]
     auth = s["USER"] or "postgres"
     if s["PASSWORD"]:
         auth += f":{s['PASSWORD']}"

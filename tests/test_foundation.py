@@ -98,7 +98,7 @@ def test_it_does_not_let_one_tenants_admin_into_another_tenants_site(alpha: Tena
 
 
 def test_it_hides_tenant_tables_from_the_platform_site() -> None:
-    user = get_user_model()._default_manager.create_superuser(  # type: ignore[attr-defined]
+    user = get_user_model()._default_manager.create_superuser(
         username="platform", email="p@example.com", password="pw-for-tests"
     )
     client = Client(HTTP_HOST="platform.unknown")

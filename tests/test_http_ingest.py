@@ -29,6 +29,7 @@ from django_tenants.utils import schema_context
 from nats.js.api import RawStreamMsg
 from pytest_django.fixtures import SettingsWrapper
 
+from argus.registry import use_public_schema
 from devices import pki
 from devices.models import Device, DeviceCertificate, DeviceStatus, DeviceType
 from devices.services import api_key_create, api_key_revoke, certificate_issue, certificate_revoke
@@ -451,8 +452,8 @@ def test_it_documents_the_endpoint_in_the_openapi_schema(db: None) -> None:
 
 def test_it_lists_and_revokes_keys_in_the_platform_admin_without_showing_them(device: Device) -> None:
     api_key, key = api_key_create(logical_id=device.logical_identifier)
-    connection.set_schema_to_public()
-    user = get_user_model()._default_manager.create_superuser(  # type: ignore[attr-defined]
+    use_public_schema()
+    user = get_user_model()._default_manager.create_superuser(
         username="platform-keys", email="pk@example.com", password="pw-for-tests"
     )
     client = Client(HTTP_HOST=PUBLIC_HOST)

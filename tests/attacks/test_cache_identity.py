@@ -18,12 +18,12 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from argus.devservices import _postgres_bindir
 from django.db import connection, connections
 from django.db.migrations.recorder import MigrationRecorder
 from django_tenants.utils import schema_context
 
 from devices.models import Device, DeviceType, ProcessingMode
+from devtools.services.postgres import _postgres_bindir
 from telemetry.models import RawStatus, TelemetryRaw
 from telemetry.profiles import DeviceProfile, ProfileCache, TypeProfile
 from tests.conftest import TenantPersona, make_device, make_device_type, unique_id
@@ -34,7 +34,7 @@ def admin_sql(sql: str) -> None:
     """A statement on the server's maintenance database (CREATE/DROP DATABASE)."""
     url = database_url().rsplit("/", 1)[0] + "/postgres"
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(sql)  # type: ignore[arg-type]
+        conn.execute(sql)
 
 
 @contextmanager

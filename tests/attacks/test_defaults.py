@@ -80,7 +80,7 @@ def test_it_answers_only_listed_hosts_outside_debug() -> None:
 @pytest.mark.django_db
 @override_settings(ARGUS_PLATFORM_ADMIN_HOSTS=["admin.platform.test"])
 def test_it_hides_the_platform_admin_on_other_hosts() -> None:
-    user = get_user_model()._default_manager.create_superuser(  # type: ignore[attr-defined]
+    user = get_user_model()._default_manager.create_superuser(
         username=f"root-{uuid.uuid4().hex[:6]}", email="root@example.com", password="pw-for-tests"
     )
     stranger = Client(HTTP_HOST="anything.example.net")
@@ -110,7 +110,7 @@ def test_it_locks_out_a_password_guesser_and_only_in_that_tenant(alpha: TenantPe
     username = f"admin-{uuid.uuid4().hex[:6]}"
     for persona in (alpha, beta):
         with schema_context(persona.schema):
-            get_user_model()._default_manager.create_superuser(  # type: ignore[attr-defined]
+            get_user_model()._default_manager.create_superuser(
                 username=username, email=f"{username}@example.com", password="the-right-one"
             )
     guesser = Client(HTTP_HOST=alpha.host, REMOTE_ADDR=STRANGER)

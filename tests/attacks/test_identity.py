@@ -170,7 +170,7 @@ def test_it_keeps_every_message_while_devices_connect_with_the_bridges_client_id
             device.close()
         for hijacker in hijackers:
             hijacker.close()
-    assert sorted(raw_msg_ids(mtls.schema, publisher_id)) == sorted(f"m-{i}" for i in range(300))
+    assert sorted(str(m) for m in raw_msg_ids(mtls.schema, publisher_id)) == sorted(f"m-{i}" for i in range(300))
 
 
 def test_it_binds_the_client_id_to_the_username_on_every_authenticated_shipped_listener() -> None:
