@@ -136,7 +136,7 @@ def test_it_forgets_a_database_recreated_or_restored_under_the_same_name(
 
     make_other_database(other_database, alpha.schema, device, mode=ProcessingMode.GATEWAY, type_name="first")
     dump = tmp_path / "first.dump"
-    pg_dump = [_postgres_bindir() / "pg_dump", "--format=custom", f"--file={dump}", f"{server}/{other_database}"]
+    pg_dump = [str(_postgres_bindir() / "pg_dump"), "--format=custom", f"--file={dump}", f"{server}/{other_database}"]
     subprocess.run(pg_dump, check=True)
     assert type_name() == "first"
 
@@ -144,6 +144,11 @@ def test_it_forgets_a_database_recreated_or_restored_under_the_same_name(
     assert type_name() == "second"
 
     # Back to the dump, in place: same server, same database, same OID.
-    pg_restore = [_postgres_bindir() / "pg_restore", "--clean", "--if-exists", f"--dbname={server}/{other_database}"]
-    subprocess.run([*pg_restore, dump], check=True)
+    pg_restore = [
+        str(_postgres_bindir() / "pg_restore"),
+        "--clean",
+        "--if-exists",
+        f"--dbname={server}/{other_database}",
+    ]
+    subprocess.run([*pg_restore, str(dump)], check=True)
     assert type_name() == "first"
