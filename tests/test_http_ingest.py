@@ -47,15 +47,6 @@ PUBLIC_HOST = "ingest.example"
 # --------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def nats_server() -> Iterator[ServerHandle]:
-    server = start_nats()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.fixture
 def pipeline(nats_server: ServerHandle, settings: SettingsWrapper) -> Iterator[str]:
     """The endpoint publishes to the private NATS."""

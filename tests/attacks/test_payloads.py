@@ -34,7 +34,7 @@ from schemathesis.generation.modes import GenerationMode
 
 from devices.models import Device, ProcessingMode, ProtocolAdapter
 from devices.services import api_key_create
-from devtools.services import ServerHandle, start_nats
+from devtools.services import ServerHandle
 from telemetry.adapters import ADAPTERS, Rejected, load_json
 from telemetry.api.views import reset_publisher
 from telemetry.consumer import Delivery, IngestConsumer
@@ -342,15 +342,6 @@ def test_it_stores_a_message_the_database_refuses_as_rejected_instead_of_retryin
 
 
 # --------------------------------------------------------------------------- the HTTP endpoint
-
-
-@pytest.fixture(scope="module")
-def nats_server() -> Iterator[ServerHandle]:
-    server = start_nats()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
