@@ -2,11 +2,13 @@
 
 The signal handler only sets a flag; the loop finishes the batch in hand, closes cleanly and the
 command exits 0. Work is done back to back while there is any; `step()` itself waits when idle.
+A database error never ends the loop: the step is tried again after a backoff.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
@@ -17,6 +19,7 @@ from django.conf import settings
 from prometheus_client import start_http_server
 
 from argus.invalidation import Invalidatable, InvalidationListener
+from argus.outage import database_outage, is_database_error
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +44,18 @@ async def run_until_stopped(
     steps = 0
     try:
         while not stopping.is_set():
-            if await step():
-                steps += 1
+            try:
+                if await step():
+                    steps += 1
+            except Exception as exc:
+                # The workers wait out database outages themselves; this is the net under them,
+                # so that no database error they missed ends the process.
+                if not is_database_error(exc):
+                    raise
+                delay = database_outage().failed(exc)
+                log.warning("%s step failed on the database, trying again in %.1f s", name, delay, exc_info=True)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), timeout=delay)
     finally:
         await close()
         log.info("%s stopped after %d busy steps", name, steps)

@@ -9,6 +9,10 @@ only once its PubAck has arrived. A publish that fails or gets no PubAck is publ
 the same message id, which JetStream's duplicate window absorbs. Nothing is acknowledged to the
 broker that JetStream does not hold, so a crash of the bridge loses nothing: the broker
 redelivers. Unknown devices, oversized and non-UTF-8 payloads go to the dead-letter stream.
+
+While the database is unavailable the bridge routes with the routes it last loaded, however old,
+and keeps the messages of devices it has no route for (unacknowledged) until a lookup succeeds;
+lookups are retried with backoff (argus/outage.py).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from prometheus_client import Counter, Gauge
 
+from argus.outage import database_outage, is_database_error
 from argus.registry import use_public_schema
 from bridge.mqtt import AsyncioDriver, BufferedClient
 from telemetry import jetstream as js_defs
@@ -168,6 +173,12 @@ class RouteCache:
                 self._routes[logical_id] = (now + self.missing_ttl, None)
         return loaded
 
+    def stale(self, logical_id: str) -> Route | None:
+        """The route last loaded for this id, however old (None if there was none): what the
+        bridge goes by while the registry cannot be read."""
+        entry = self._routes.get(logical_id)
+        return entry[1] if entry is not None else None
+
     def forget(self, logical_id: str) -> None:
         """Drop one route (its device changed)."""
         self._routes.pop(logical_id, None)
@@ -212,6 +223,11 @@ class MqttBridge:
         self.rate_limit = DeviceRateLimit(settings.ARGUS_BRIDGE_DEVICE_RATE, settings.ARGUS_BRIDGE_DEVICE_BURST)
         self._last_rate_sweep = time.monotonic()
         self._incoming: deque[mqtt.MQTTMessage] = deque()
+        # Messages of devices without a route while the database is unavailable, in arrival
+        # order; routed again once a lookup is due (`_route_retry_at`).
+        self._unrouted: deque[mqtt.MQTTMessage] = deque()
+        self._route_retry_at = 0.0
+        self.database = database_outage()
         # Publishes awaiting their PubAck (by message id), and how many MQTT messages they hold.
         self._inflight: dict[str, Pending] = {}
         self._inflight_messages = 0
@@ -245,7 +261,13 @@ class MqttBridge:
         # publish wait (its semaphore scans its waiters on every acquire).
         self._js = self._nc.jetstream(publish_async_max_pending=2 * self.max_inflight + 1000)
         await js_defs.ensure_streams(self._js)
-        await asyncio.to_thread(self.routes.load)
+        try:
+            await asyncio.to_thread(self.routes.load)
+        except Exception as exc:
+            if not is_database_error(exc):
+                raise
+            # Start anyway: routes are looked up again, per device, as messages arrive.
+            self._route_retry_at = time.monotonic() + self.database.failed(exc)
         client = self._client = self._make_client()
 
         host = self.mqtt_url.hostname or "127.0.0.1"
@@ -264,13 +286,13 @@ class MqttBridge:
         """Stop taking messages, finish those in hand (publish + ack), then disconnect."""
         self._draining = True
         deadline = time.monotonic() + 30
-        while (self._incoming or self._inflight) and time.monotonic() < deadline:
+        while (self._incoming or self._inflight or self._unrouted) and time.monotonic() < deadline:
             if not await self.step():
                 await asyncio.sleep(0.01)
-        if self._inflight or self._incoming:
+        if self._inflight or self._incoming or self._unrouted:
             log.warning(
                 "bridge stopping with %d messages unacknowledged; the broker will redeliver them",
-                len(self._inflight) + len(self._incoming),
+                len(self._inflight) + len(self._incoming) + len(self._unrouted),
             )
         if self._client is not None:
             # The PUBACKs go out before the DISCONNECT.
@@ -291,12 +313,17 @@ class MqttBridge:
             and time.monotonic() - self._incoming_since < self.linger
             and not self._draining
         )
-        if not self._incoming or room <= 0 or filling:
+        unrouted_due = bool(self._unrouted) and time.monotonic() >= self._route_retry_at
+        if ((not self._incoming or filling) and not unrouted_due) or room <= 0:
             # Idle, the window is full (leaving messages unacknowledged makes the broker wait),
             # or an envelope is still filling.
             await asyncio.sleep(0.002)
             return False
         batch: list[mqtt.MQTTMessage] = []
+        if unrouted_due:
+            # Held back during a database outage: they go first, keeping each device's order.
+            batch.extend(self._unrouted)
+            self._unrouted.clear()
         while self._incoming and len(batch) < room:
             batch.append(self._incoming.popleft())
         self._incoming_since = time.monotonic()
@@ -311,7 +338,11 @@ class MqttBridge:
             else:
                 missing.append(logical_id)
         if missing:
-            routes.update(await asyncio.to_thread(self.routes.load, sorted(set(missing))))
+            loaded = await self._load_routes(sorted(set(missing)))
+            if loaded is None:
+                batch = self._route_stale(batch, missing, routes)
+            else:
+                routes.update(loaded)
         by_tenant: dict[str, list[tuple[mqtt.MQTTMessage, js_defs.EnvelopeRecord]]] = {}
         limited: dict[str, list[tuple[mqtt.MQTTMessage, js_defs.EnvelopeRecord]]] = {}
         now = time.monotonic()
@@ -335,6 +366,43 @@ class MqttBridge:
         for schema, items in limited.items():
             await self._send_envelopes(schema, items, refusal=self.rate_limit.reason)
         return True
+
+    async def _load_routes(self, logical_ids: list[str]) -> dict[str, Route | None] | None:
+        """Look the routes up in the registry; None while the database is unavailable (and
+        until the next try is due)."""
+        if time.monotonic() < self._route_retry_at:
+            return None
+        try:
+            loaded = await asyncio.to_thread(self.routes.load, logical_ids)
+        except Exception as exc:
+            if not is_database_error(exc):
+                raise
+            self._route_retry_at = time.monotonic() + self.database.failed(exc)
+            return None
+        self.database.recovered()
+        return loaded
+
+    def _route_stale(
+        self, batch: list[mqtt.MQTTMessage], missing: list[str], routes: dict[str, Route | None]
+    ) -> list[mqtt.MQTTMessage]:
+        """Route `missing` by their last known routes; hold back (unacknowledged) the messages
+        of devices that have none, and return the rest of the batch."""
+        unrouted = set()
+        for logical_id in missing:
+            route = self.routes.stale(logical_id)
+            if route is None:
+                unrouted.add(logical_id)
+            else:
+                routes[logical_id] = route
+        if not unrouted:
+            return batch
+        kept = []
+        for message in batch:
+            if _logical_id(message) in unrouted:
+                self._unrouted.append(message)
+            else:
+                kept.append(message)
+        return kept
 
     async def _send_envelopes(
         self,

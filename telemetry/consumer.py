@@ -5,6 +5,10 @@ database thread so the event loop keeps the NATS connection alive), then acknowl
 committed. A message is acknowledged only after its commit; a batch that fails as a whole is
 retried message by message so one poison message cannot block the others, and a message that
 keeps failing is dead-lettered after `ARGUS_INGEST_MAX_DELIVER` deliveries.
+
+A database outage is not a message's fault: the consumer keeps what it could not store, tells
+JetStream it is still working on it (so it is neither redelivered nor counted toward the
+delivery limit), waits with backoff and tries again until the database is back (argus/outage.py).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from nats.js import JetStreamContext
 from prometheus_client import Counter, Gauge, Histogram
 
 from argus.models import Organization
+from argus.outage import close_broken_connection, database_outage, is_database_error
 from telemetry import jetstream as js_defs
 from telemetry.ingest import ingest_batch, ingest_refused
 from telemetry.messages import BatchResult, IncomingMessage
@@ -75,6 +80,19 @@ class Delivery:
 
 
 @dataclass
+class Stored:
+    """What one attempt at storing a batch did with each delivery (on the database thread)."""
+
+    results: dict[str, BatchResult] = field(default_factory=dict)
+    committed: list[Delivery] = field(default_factory=list)
+    failed: list[Delivery] = field(default_factory=list)
+    unknown: list[Delivery] = field(default_factory=list)
+    # Not stored because the database failed (an outage): kept and tried again, never counted.
+    held: list[Delivery] = field(default_factory=list)
+    error: BaseException | None = None
+
+
+@dataclass
 class StepOutcome:
     """What one step did (for logs and tests)."""
 
@@ -82,6 +100,7 @@ class StepOutcome:
     acked: int = 0
     retried: int = 0
     dead_lettered: int = 0
+    held: int = 0  # deliveries kept through a database outage (each counted once per retry)
     results: dict[str, BatchResult] = field(default_factory=dict)
 
 
@@ -101,6 +120,10 @@ class IngestConsumer:
         self.batch_size = batch_size or settings.ARGUS_INGEST_BATCH
         self.batch_wait = batch_wait if batch_wait is not None else settings.ARGUS_INGEST_BATCH_WAIT_SECONDS
         self.max_deliver = settings.ARGUS_INGEST_MAX_DELIVER
+        # While it waits out an outage, the consumer tells JetStream it is still working on the
+        # messages it holds this often, well within the ack wait.
+        self.progress_every = settings.ARGUS_INGEST_ACK_WAIT_SECONDS / 3
+        self.database = database_outage()
         self.profiles = profiles or ProfileCache()
         self.after_commit = after_commit
         self._nc: NATS | None = None
@@ -202,26 +225,44 @@ class IngestConsumer:
                 self._per_delivery = 0.9 * self._per_delivery + 0.1 * len(delivery.messages)
 
         loop = asyncio.get_running_loop()
-        stored, failed, unknown = await loop.run_in_executor(self._db, self._store, dict(by_schema))
-        for schema, result in stored.items():
-            outcome.results[schema] = result
-        for delivery in unknown:
+        while by_schema:
+            stored = await loop.run_in_executor(self._db, self._store, dict(by_schema))
+            await self._settle(stored, outcome)
+            if stored.error is None:
+                self.database.recovered()
+                break
+            # The database failed: keep what was not stored, wait, and try again.
+            outcome.held += len(stored.held)
+            by_schema = defaultdict(list)
+            for delivery in stored.held:
+                by_schema[delivery.schema].append(delivery)
+            await self._wait_out(self.database.failed(stored.error), stored.held)
+        self._totals.update(batches=1, dead_lettered=outcome.dead_lettered, retried=outcome.retried)
+        MESSAGES.labels("dead_lettered").inc(outcome.dead_lettered)
+        MESSAGES.labels("retried").inc(outcome.retried)
+        BATCH_SECONDS.observe(time.perf_counter() - started)
+        return outcome
+
+    async def _settle(self, stored: Stored, outcome: StepOutcome) -> None:
+        """Ack what was committed, nak what failed on its own, dead-letter unknown tenants; what
+        the database outage held back stays unsettled."""
+        for delivery in stored.unknown:
             await self._dead_letter(delivery.msg, "unknown_tenant", f"no tenant schema {delivery.schema!r}")
             outcome.dead_lettered += 1
-        committed = [d for schema in stored for d in by_schema[schema] if d not in failed]
-        for delivery in committed:
+        for delivery in stored.committed:
             await delivery.msg.ack()
-        outcome.acked = len(committed)
-        for delivery in failed:
-            # Back off so a transient fault (database restart) is not hammered. What of an
-            # envelope was stored already is absorbed as duplicates on redelivery.
+        outcome.acked += len(stored.committed)
+        for delivery in stored.failed:
+            # Back off so a transient fault is not hammered. What of an envelope was stored
+            # already is absorbed as duplicates on redelivery.
             await delivery.msg.nak(delay=min(2.0**delivery.deliveries, 30.0))
-        outcome.retried = len(failed)
+        outcome.retried += len(stored.failed)
         now = time.time()
-        for delivery in committed:
+        for delivery in stored.committed:
             for message in delivery.messages:
                 E2E_LATENCY.observe(max(0.0, now - message.received_at.timestamp()))
-        for schema, result in stored.items():
+        for schema, result in stored.results.items():
+            outcome.results[schema] = result
             self._totals.update(
                 accepted=result.accepted,
                 rejected=result.rejected,
@@ -236,65 +277,119 @@ class IngestConsumer:
             if self.after_commit is not None:
                 # On the database thread: the follow-up hooks may read the database (assets asks
                 # which of these devices feed an asset) and Django connections are per thread.
-                await asyncio.get_running_loop().run_in_executor(self._db, self.after_commit, schema, result)
-        self._totals.update(batches=1, dead_lettered=outcome.dead_lettered, retried=outcome.retried)
-        MESSAGES.labels("dead_lettered").inc(outcome.dead_lettered)
-        MESSAGES.labels("retried").inc(outcome.retried)
-        BATCH_SECONDS.observe(time.perf_counter() - started)
-        return outcome
+                await asyncio.get_running_loop().run_in_executor(self._db, self._after_commit, schema, result)
+
+    def _after_commit(self, schema: str, result: BatchResult) -> None:
+        assert self.after_commit is not None
+        try:
+            self.after_commit(schema, result)
+        except Exception as exc:
+            if not is_database_error(exc):
+                raise
+            # What was stored stays stored (and acknowledged); only its follow-ups are skipped.
+            log.warning(
+                "follow-ups skipped, database unavailable schema=%s accepted=%d: %s", schema, result.accepted, exc
+            )
+            close_broken_connection()
+
+    async def _wait_out(self, delay: float, held: list[Delivery]) -> None:
+        """Wait `delay` seconds before the next try, keeping JetStream from redelivering what we
+        hold: `in_progress` resets a message's ack timer without counting a delivery. The next
+        batch, fetched in advance, is held as well."""
+        deadline = time.monotonic() + delay
+        while True:
+            msgs = [d.msg for d in held]
+            if self._prefetch is not None and self._prefetch.done() and not self._prefetch.cancelled():
+                if self._prefetch.exception() is None:
+                    msgs += self._prefetch.result()
+            for msg in msgs:
+                await msg.in_progress()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            await asyncio.sleep(min(remaining, self.progress_every))
 
     # -- database thread --
 
-    def _store(
-        self, by_schema: dict[str, list[Delivery]]
-    ) -> tuple[dict[str, BatchResult], set[Delivery], list[Delivery]]:
-        """Store each tenant's messages in its own transaction (runs on the database thread)."""
+    def _store(self, by_schema: dict[str, list[Delivery]]) -> Stored:
+        """Store each tenant's messages in its own transaction (runs on the database thread).
+
+        On a database error, what is left is held (`Stored.held`) rather than failed."""
         close_old_connections()
-        stored: dict[str, BatchResult] = {}
-        failed: set[Delivery] = set()
-        unknown: list[Delivery] = []
+        stored = Stored()
         for schema, deliveries in by_schema.items():
-            if not self._schema_exists(schema):
-                unknown.extend(deliveries)
+            if stored.error is not None:
+                stored.held.extend(deliveries)
+                continue
+            try:
+                exists = self._schema_exists(schema)
+            except Exception as exc:
+                if not is_database_error(exc):
+                    raise
+                self._lost_database(stored, exc)
+                stored.held.extend(deliveries)
+                continue
+            if not exists:
+                stored.unknown.extend(deliveries)
                 continue
             with schema_context(schema):
+                self._store_schema(schema, deliveries, stored)
+        return stored
+
+    def _store_schema(self, schema: str, deliveries: list[Delivery], stored: Stored) -> None:
+        messages = [m for d in deliveries for m in d.messages]
+        try:
+            stored.results[schema] = ingest_batch(messages=messages, profiles=self.profiles)
+            stored.committed.extend(deliveries)
+            return
+        except Exception as exc:
+            if is_database_error(exc):
+                self._lost_database(stored, exc)
+                stored.held.extend(deliveries)
+                return
+            log.exception("batch failed schema=%s messages=%d; retrying one by one", schema, len(messages))
+            close_old_connections()
+        total = BatchResult()
+        for index, delivery in enumerate(deliveries):
+            ok = True
+            for message in delivery.messages:
                 try:
-                    messages = [m for d in deliveries for m in d.messages]
-                    stored[schema] = ingest_batch(messages=messages, profiles=self.profiles)
-                    continue
-                except Exception:
-                    log.exception("batch failed schema=%s messages=%d; retrying one by one", schema, len(messages))
+                    total.merge(ingest_batch(messages=[message], profiles=self.profiles))
+                except DATABASE_REFUSALS as exc:
+                    # The message's own fault (a value the adapters let through and the
+                    # database refuses): a rejected raw row, not a redelivery loop.
+                    log.warning(
+                        "message refused by the database schema=%s device=%s key=%s: %r",
+                        schema,
+                        message.logical_id,
+                        message.key,
+                        exc,
+                    )
+                    total.merge(ingest_refused(message=message, reason=_refusal_reason(exc), profiles=self.profiles))
+                except Exception as exc:
+                    if is_database_error(exc):
+                        # Not this message's fault: hold it and the rest (what of this envelope
+                        # was stored is absorbed as duplicates when it is stored again).
+                        self._lost_database(stored, exc)
+                        stored.held.extend(deliveries[index:])
+                        stored.results[schema] = total
+                        return
+                    log.exception(
+                        "message failed schema=%s device=%s key=%s delivery=%d",
+                        schema,
+                        message.logical_id,
+                        message.key,
+                        delivery.deliveries,
+                    )
                     close_old_connections()
-                total = BatchResult()
-                for delivery in deliveries:
-                    for message in delivery.messages:
-                        try:
-                            total.merge(ingest_batch(messages=[message], profiles=self.profiles))
-                        except DATABASE_REFUSALS as exc:
-                            # The message's own fault (a value the adapters let through and the
-                            # database refuses): a rejected raw row, not a redelivery loop.
-                            log.warning(
-                                "message refused by the database schema=%s device=%s key=%s: %r",
-                                schema,
-                                message.logical_id,
-                                message.key,
-                                exc,
-                            )
-                            total.merge(
-                                ingest_refused(message=message, reason=_refusal_reason(exc), profiles=self.profiles),
-                            )
-                        except Exception:
-                            log.exception(
-                                "message failed schema=%s device=%s key=%s delivery=%d",
-                                schema,
-                                message.logical_id,
-                                message.key,
-                                delivery.deliveries,
-                            )
-                            close_old_connections()
-                            failed.add(delivery)
-                stored[schema] = total
-        return stored, failed, unknown
+                    ok = False
+            (stored.committed if ok else stored.failed).append(delivery)
+        stored.results[schema] = total
+
+    @staticmethod
+    def _lost_database(stored: Stored, exc: BaseException) -> None:
+        stored.error = exc
+        close_broken_connection()
 
     def _schema_exists(self, schema: str) -> bool:
         checked = self._known_schemas.get(schema)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,8 +18,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import django.db
 import nats
 import orjson
+import psycopg
+import pytest
 from django.conf import settings
 from django.db import connection, connections
 from django.test.utils import CaptureQueriesContext
@@ -29,6 +33,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerInfo
 from pytest_django.fixtures import SettingsWrapper
 
+from argus.outage import SERVICE_UP, Outage, is_database_error
 from bridge.bridge import DeviceRateLimit, MqttBridge
 from devices.models import Device, DeviceStatus, DeviceType, ProcessingMode, ProtocolAdapter
 from devtools.services import ServerHandle
@@ -719,3 +724,37 @@ def test_it_stores_ten_or_a_hundred_messages_with_the_same_statements(
             assert (result.accepted, result.rejected, result.duplicates, result.readings) == (size, 0, 0, 2 * size)
             statements[size] = [query["sql"] for query in captured.captured_queries]
     assert len(statements[10]) == len(statements[100]), statements
+
+
+# --------------------------------------------------------------------------- outages (argus/outage.py)
+
+
+def test_it_tells_a_database_outage_from_a_messages_own_fault() -> None:
+    lost = psycopg.OperationalError("the connection is lost")
+    try:
+        try:
+            raise lost
+        except psycopg.OperationalError as exc:
+            raise django.db.OperationalError(str(exc)) from exc
+    except django.db.OperationalError as wrapped:
+        assert is_database_error(wrapped)
+    assert is_database_error(lost)
+    assert is_database_error(django.db.InterfaceError("connection already closed"))
+    assert not is_database_error(psycopg.DataError("invalid byte sequence"))
+    assert not is_database_error(django.db.IntegrityError("duplicate key"))
+    assert not is_database_error(ValueError("bad payload"))
+
+
+def test_it_logs_an_outage_once_and_backs_off_up_to_five_seconds(caplog: pytest.LogCaptureFixture) -> None:
+    tracker = Outage("test-database")
+    with caplog.at_level(logging.INFO, logger="argus.outage"):
+        tracker.recovered()  # nothing to end
+        delays = [tracker.failed(psycopg.OperationalError("connection refused")) for _ in range(8)]
+        tracker.recovered()
+        tracker.recovered()
+    assert delays == [0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0, 5.0]
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert len(lines) == 2, lines
+    assert lines[0][0] == "WARNING" and "test-database outage started" in lines[0][1]
+    assert lines[1][0] == "INFO" and "test-database outage ended" in lines[1][1] and "8 failed" in lines[1][1]
+    assert SERVICE_UP.labels("test-database")._value.get() == 1

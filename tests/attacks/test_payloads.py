@@ -330,11 +330,11 @@ def test_it_stores_a_message_the_database_refuses_as_rejected_instead_of_retryin
     delivery = Delivery(msg=None, schema=alpha.schema, messages=[good, refused], deliveries=1)  # type: ignore[arg-type]
     consumer = IngestConsumer(profiles=ProfileCache())
     try:
-        stored, failed, unknown = consumer._store({alpha.schema: [delivery]})
+        stored = consumer._store({alpha.schema: [delivery]})
     finally:
         consumer._db.shutdown()
-    assert not failed and not unknown
-    assert stored[alpha.schema].accepted == 1 and stored[alpha.schema].rejected == 1
+    assert not stored.failed and not stored.unknown and not stored.held
+    assert stored.results[alpha.schema].accepted == 1 and stored.results[alpha.schema].rejected == 1
     with schema_context(alpha.schema):
         row = TelemetryRaw.objects.get(logical_identifier="X" * 128, received_at=received_at)
     assert row.status == RawStatus.REJECTED and row.reason.startswith("the database refused a value"), row.reason
