@@ -3,6 +3,7 @@ as subprocesses against the test database, publishers and polling."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 import uuid
@@ -11,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import nats
 import orjson
 import paho.mqtt.client as mqtt
 from django.conf import settings
@@ -19,6 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from devtools.services import ServerHandle
 from devtools.supervisor import BEAT_READY, BRIDGE_READY, INGEST_READY, WORKER_READY, Child, celery, manage
+from telemetry.jetstream import DEADLETTER_STREAM
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -31,6 +34,28 @@ def database_url() -> str:
     if s["PASSWORD"]:
         auth += f":{s['PASSWORD']}"
     return f"postgresql://{auth}@{s['HOST'] or '127.0.0.1'}:{s['PORT'] or 5432}/{s['NAME']}"
+
+
+def read_deadletters(nats_url: str) -> list[tuple[str, dict[str, str], bytes]]:
+    async def read() -> list[tuple[str, dict[str, str], bytes]]:
+        nc = await nats.connect(nats_url)
+        try:
+            js = nc.jetstream()
+            sub = await js.pull_subscribe("deadletter.>", stream=DEADLETTER_STREAM)
+            found = []
+            try:
+                while True:
+                    for msg in await sub.fetch(100, timeout=0.5):
+                        found.append((msg.subject, dict(msg.headers or {}), msg.data))
+                        await msg.ack()
+            except TimeoutError:
+                # nats-py raises its own TimeoutError or, when the deadline runs out between its
+                # two pull requests (a loaded machine), asyncio's; both mean "nothing more".
+                return found
+        finally:
+            await nc.close()
+
+    return asyncio.run(read())
 
 
 class ManagedProcess(Child):

@@ -6,7 +6,6 @@ and runingest run as child processes against the test database.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import threading
@@ -14,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import nats
 import pytest
 from django.conf import settings
 from django_tenants.utils import schema_context
@@ -22,10 +20,10 @@ from django_tenants.utils import schema_context
 from argus.registry import use_public_schema
 from devices.models import Device, DeviceType, ProcessingMode
 from devtools.services import ServerHandle
-from telemetry.jetstream import DEADLETTER_STREAM, H_REASON
+from telemetry.jetstream import H_REASON
 from telemetry.models import RawStatus, TelemetryHistory, TelemetryRaw
 from tests.conftest import TenantPersona, make_device, make_device_type, tenant_admin_client, unique_id
-from tests.pipeline import Pipeline, Publisher, publisher, wait_for
+from tests.pipeline import Pipeline, Publisher, publisher, read_deadletters, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -55,28 +53,6 @@ def raw_rows(schema: str, logical_id: str) -> list[TelemetryRaw]:
 def history_count(schema: str, device_ids: list[int]) -> int:
     with schema_context(schema):
         return TelemetryHistory.objects.filter(device_id__in=device_ids).count()
-
-
-def read_deadletters(nats_url: str) -> list[tuple[str, dict[str, str], bytes]]:
-    async def read() -> list[tuple[str, dict[str, str], bytes]]:
-        nc = await nats.connect(nats_url)
-        try:
-            js = nc.jetstream()
-            sub = await js.pull_subscribe("deadletter.>", stream=DEADLETTER_STREAM)
-            found = []
-            try:
-                while True:
-                    for msg in await sub.fetch(100, timeout=0.5):
-                        found.append((msg.subject, dict(msg.headers or {}), msg.data))
-                        await msg.ack()
-            except TimeoutError:
-                # nats-py raises its own TimeoutError or, when the deadline runs out between its
-                # two pull requests (a loaded machine), asyncio's; both mean "nothing more".
-                return found
-        finally:
-            await nc.close()
-
-    return asyncio.run(read())
 
 
 # --- The happy paths --------------------------------------------------------------------------------

@@ -1,0 +1,129 @@
+"""Outages of the services the pipeline needs, on real processes and servers (issue 11, item 3).
+
+The database outage: PostgreSQL refuses and drops every connection to the test database for
+30 s (`ALLOW_CONNECTIONS false` and `pg_terminate_backend`, repeated, from a superuser session on
+another database) while a device publishes 100 msg/s. For runbridge and runingest this is the
+server being down: each connection they hold is lost, and each new one is refused.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psycopg
+import pytest
+from django.db import connection
+from django_tenants.utils import schema_context
+from psycopg import sql
+
+from devtools.services import ServerHandle
+from telemetry.models import TelemetryRaw
+from tests.conftest import TenantPersona, make_device, make_device_type
+from tests.pipeline import Pipeline, Publisher, database_url, read_deadletters, wait_for
+
+pytestmark = pytest.mark.integration
+
+RATE = 100  # messages a second
+BEFORE, OUTAGE, AFTER = 4.0, 30.0, 4.0  # seconds
+
+
+def stored_msg_ids(schema: str, logical_id: str) -> list[str]:
+    with schema_context(schema):
+        return [
+            str(m) for m in TelemetryRaw.objects.filter(logical_identifier=logical_id).values_list("msg_id", flat=True)
+        ]
+
+
+def publish_at_rate(mqtt_url: str, logical_id: str, count: int, done: threading.Event) -> None:
+    """`count` messages with msg_ids m-0, m-1, … at RATE a second; each acknowledged by the broker."""
+    sender = Publisher(mqtt_url)
+    try:
+        started = time.monotonic()
+        infos = []
+        for i in range(count):
+            delay = started + i / RATE - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            infos.append(sender.send(logical_id, {"msg_id": f"m-{i}", "values": {"temperature": i % 100}}, wait=False))
+        for info in infos:
+            info.wait_for_publish(30)
+        done.set()
+    finally:
+        sender.close()
+
+
+@contextmanager
+def database_down(dbname: str, keep_pid: int) -> Iterator[threading.Event]:
+    """Refuse new connections to `dbname` and keep terminating those that exist (all but
+    `keep_pid`, the test's own) until the returned event is set; then allow them again."""
+    admin = psycopg.connect(database_url().rsplit("/", 1)[0] + "/postgres", autocommit=True)
+    name = sql.Identifier(dbname)
+    admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(name))
+    over = threading.Event()
+
+    def terminate() -> None:
+        while not over.is_set():
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = %s AND pid <> %s AND pid <> pg_backend_pid()",
+                (dbname, keep_pid),
+            )
+            over.wait(0.2)
+
+    killer = threading.Thread(target=terminate)
+    killer.start()
+    try:
+        yield over
+    finally:
+        over.set()
+        killer.join()
+        admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(name))
+        admin.close()
+
+
+def test_it_stores_everything_once_across_a_database_outage(
+    broker: ServerHandle, nats_server: ServerHandle, live_db: None, alpha: TenantPersona, tmp_path: Path
+) -> None:
+    with schema_context(alpha.schema):
+        device = make_device(make_device_type())
+    logical_id = device.logical_identifier
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        test_pid = cursor.fetchone()[0]
+    # Routes expire every second, so the bridge needs the database during the outage too.
+    pipeline = Pipeline(broker, nats_server, tmp_path, {"ARGUS_BRIDGE_ROUTE_TTL_SECONDS": "1"}).start()
+    count = int((BEFORE + OUTAGE + AFTER) * RATE)
+    done = threading.Event()
+    publisher = threading.Thread(target=publish_at_rate, args=(pipeline.mqtt_url, logical_id, count, done))
+    try:
+        publisher.start()
+        time.sleep(BEFORE)
+        with database_down(str(connection.settings_dict["NAME"]), test_pid):
+            time.sleep(OUTAGE)
+            assert pipeline.bridge.running(), pipeline.bridge.log()
+            assert pipeline.ingest.running(), pipeline.ingest.log()
+        publisher.join(AFTER + 30)
+        assert done.is_set(), "the broker did not acknowledge every message"
+        wait_for(
+            lambda: len(stored_msg_ids(alpha.schema, logical_id)) >= count or not pipeline.ingest.running(),
+            timeout=30,
+            what=lambda: f"all {count} messages (have {len(stored_msg_ids(alpha.schema, logical_id))})",
+        )
+        time.sleep(1)  # anything redelivered late would show up now
+        stored = stored_msg_ids(alpha.schema, logical_id)
+        assert len(stored) == len(set(stored)), "duplicates"
+        assert sorted(stored) == sorted(f"m-{i}" for i in range(count))
+        assert read_deadletters(pipeline.nats_url) == []
+        for process in (pipeline.bridge, pipeline.ingest):
+            assert process.running(), process.log()
+            text = process.log_text()
+            assert text.count("database outage started") == 1, process.log()
+            assert text.count("database outage ended") == 1, process.log()
+    finally:
+        publisher.join(60)
+        if pipeline.bridge.running() or pipeline.ingest.running():
+            pipeline.stop()
