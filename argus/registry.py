@@ -91,3 +91,13 @@ def registry_lookup(logical_identifier: str) -> str | None:
         .first()
     )
     return row
+
+
+def registry_route(logical_identifier: str) -> tuple[str, int] | None:
+    """(schema of the owning tenant, device id) of a logical identifier, or None."""
+    row = (
+        DeviceRegistration.objects.filter(logical_identifier=logical_identifier)
+        .values_list("tenant__schema_name", "device_id")
+        .first()
+    )
+    return (str(row[0]), int(row[1])) if row else None

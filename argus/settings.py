@@ -282,6 +282,8 @@ LOGGING = {
 # JetStream (see telemetry/jetstream.py for what each limit protects).
 ARGUS_STREAM_MAX_BYTES = env_int("ARGUS_STREAM_MAX_BYTES", 8 * 1024**3)
 ARGUS_DEADLETTER_MAX_BYTES = env_int("ARGUS_DEADLETTER_MAX_BYTES", 1024**3)
+# Dead letters older than this are dropped by JetStream (list and replay them before: manage.py deadletters).
+ARGUS_DEADLETTER_MAX_AGE_DAYS = env_float("ARGUS_DEADLETTER_MAX_AGE_DAYS", 30.0)
 ARGUS_INGEST_MAX_DELIVER = env_int("ARGUS_INGEST_MAX_DELIVER", 5)
 ARGUS_INGEST_ACK_WAIT_SECONDS = env_float("ARGUS_INGEST_ACK_WAIT_SECONDS", 30.0)
 ARGUS_INGEST_MAX_ACK_PENDING = env_int("ARGUS_INGEST_MAX_ACK_PENDING", 20000)

@@ -5,8 +5,10 @@ from django.contrib.staticfiles.urls import staticfiles_urlpatterns
 from django.urls import URLPattern, URLResolver, include, path
 
 from argus.urls_api import urlpatterns as api_urlpatterns
+from telemetry.admin import deadletters_view
 
 urlpatterns: list[URLPattern | URLResolver] = [
+    path("admin/deadletters/", admin.site.admin_view(deadletters_view), name="deadletters"),
     path("admin/", admin.site.urls),
     path("", include(api_urlpatterns)),
 ]

@@ -120,6 +120,7 @@ class StreamSettings:
 
     telemetry_max_bytes: int
     deadletter_max_bytes: int
+    deadletter_max_age_s: float
     duplicate_window_s: float
     max_deliver: int
     ack_wait_s: float
@@ -131,6 +132,7 @@ def stream_settings() -> StreamSettings:
     return StreamSettings(
         telemetry_max_bytes=settings.ARGUS_STREAM_MAX_BYTES,
         deadletter_max_bytes=settings.ARGUS_DEADLETTER_MAX_BYTES,
+        deadletter_max_age_s=settings.ARGUS_DEADLETTER_MAX_AGE_DAYS * 24 * 3600.0,
         duplicate_window_s=120.0,
         max_deliver=settings.ARGUS_INGEST_MAX_DELIVER,
         ack_wait_s=settings.ARGUS_INGEST_ACK_WAIT_SECONDS,
@@ -224,7 +226,7 @@ async def ensure_streams(js: JetStreamContext, limits: StreamSettings | None = N
             storage=StorageType.FILE,
             discard=DiscardPolicy.OLD,
             max_bytes=limits.deadletter_max_bytes,
-            max_age=30 * 24 * 3600.0,
+            max_age=limits.deadletter_max_age_s,
         ),
     )
     consumer = ConsumerConfig(

@@ -6,6 +6,7 @@ storage with its outcome, and what a batch did. Shared by the ingest workflow
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -56,8 +57,18 @@ class Prepared:
 
     @property
     def ingest_key(self) -> str:
-        if self.decoded is not None and self.decoded.msg_id is not None:
-            return f"{self.message.logical_id}/m/{self.decoded.msg_id}"
+        """What makes a message the same message however often it is delivered: its `msg_id`;
+        without one, when every reading carries the device's own time, the exact bytes (a
+        redelivery after a bridge restart has a new stream id but the same bytes); otherwise
+        (readings stamped with the receive time) this delivery's stream id."""
+        if self.decoded is not None:
+            if self.decoded.msg_id is not None:
+                return f"{self.message.logical_id}/m/{self.decoded.msg_id}"
+            received_at = self.message.received_at
+            # The receive time is unique per message: a reading that has it took no time of its own.
+            if self.decoded.readings and all(r.time != received_at for r in self.decoded.readings):
+                digest = hashlib.blake2b(self.message.payload, digest_size=16).hexdigest()
+                return f"{self.message.logical_id}/b/{digest}"
         return f"{self.message.logical_id}/n/{self.message.key}"
 
 

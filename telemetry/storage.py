@@ -41,10 +41,11 @@ def write_prepared(prepared: list[Prepared]) -> tuple[BatchResult, dict[str, int
     result = BatchResult()
     unique: dict[str, Prepared] = {}
     for item in prepared:
-        if item.ingest_key in unique:
+        key = item.ingest_key
+        if key in unique:
             result.duplicates += 1
         else:
-            unique[item.ingest_key] = item
+            unique[key] = item
     inserted = _insert_raw(unique)
     result.duplicates += len(unique) - len(inserted)
     # device id -> when we last heard from it: senders at receive time, children by reading time
