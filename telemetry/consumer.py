@@ -49,6 +49,7 @@ BATCH_SIZE = Histogram(
 )
 BATCH_SECONDS = Histogram("argus_ingest_batch_seconds", "Time to store one fetched batch")
 LAG = Gauge("argus_ingest_pending_messages", "Messages waiting in the consumer (JetStream lag)")
+DEAD_LETTERS = Gauge("argus_deadletters", "Messages in the DEADLETTER stream (manage.py deadletters)")
 E2E_LATENCY = Histogram(
     "argus_ingest_latency_seconds",
     "Receive time at the bridge/API to commit",
@@ -463,6 +464,8 @@ class IngestConsumer:
         try:
             info = await self._sub.consumer_info()
             LAG.set(info.num_pending or 0)
+            assert self._js is not None
+            DEAD_LETTERS.set((await self._js.stream_info(js_defs.DEADLETTER_STREAM)).state.messages)
         except Exception:
             log.exception("could not read consumer info")
             return
