@@ -8,7 +8,9 @@ per JetStream message, see telemetry/jetstream.py), publishes them without await
 only once its PubAck has arrived. A publish that fails or gets no PubAck is published again with
 the same message id, which JetStream's duplicate window absorbs. Nothing is acknowledged to the
 broker that JetStream does not hold, so a crash of the bridge loses nothing: the broker
-redelivers. Unknown devices, oversized and non-UTF-8 payloads go to the dead-letter stream.
+redelivers. Messages of unknown devices go to the dead-letter stream; a known device's oversized
+payload goes to its tenant cut to the limit, and what a device sends over its rate limit travels
+marked as refused: both are stored as rejected raw rows.
 
 While the database is unavailable the bridge routes with the routes it last loaded, however old,
 and keeps the messages of devices it has no route for (unacknowledged) until a lookup succeeds;
