@@ -50,6 +50,17 @@ log = logging.getLogger(__name__)
 
 TOPIC = "devices/+/telemetry"
 
+# The broker's own counters ($SYS, republished every `sys_interval`, 10 s by default), exported as
+# argus_broker_stat{stat=…}. A broker drops QoS 1 messages for an offline or slow subscriber once
+# its queue limits are reached, and says so nowhere but here and in its log.
+BROKER_STATS = {
+    "$SYS/broker/publish/messages/dropped": "publish_messages_dropped",
+    "$SYS/broker/store/messages/count": "store_messages",
+    "$SYS/broker/store/messages/bytes": "store_bytes",
+    "$SYS/broker/clients/connected": "clients_connected",
+}
+DROPPED_STAT = "publish_messages_dropped"
+
 RECEIVED = Counter("argus_bridge_messages_received_total", "MQTT messages received")
 FORWARDED = Counter("argus_bridge_messages_forwarded_total", "Messages stored in JetStream and acknowledged")
 DEAD_LETTERED = Counter("argus_bridge_dead_lettered_total", "Messages sent to the dead-letter stream", ["reason"])
@@ -59,6 +70,7 @@ PUBLISH_RETRIES = Counter("argus_bridge_publish_retries_total", "JetStream publi
 INFLIGHT = Gauge("argus_bridge_inflight", "Messages published and awaiting their PubAck")
 ROUTE_LOOKUPS = Counter("argus_bridge_route_lookups_total", "Device route lookups", ["source"])
 ROUTE_CACHE_HITS = ROUTE_LOOKUPS.labels("cache")
+BROKER_STAT = Gauge("argus_broker_stat", "The MQTT broker's own counters ($SYS topics)", ["stat"])
 MQTT_CONNECTED = Gauge("argus_bridge_mqtt_connected", "1 while connected to the MQTT broker")
 
 
@@ -224,6 +236,8 @@ class MqttBridge:
         self.routes = RouteCache()
         self.rate_limit = DeviceRateLimit(settings.ARGUS_BRIDGE_DEVICE_RATE, settings.ARGUS_BRIDGE_DEVICE_BURST)
         self._last_rate_sweep = time.monotonic()
+        # The broker's dropped-message counter when last seen (None: not yet heard this run).
+        self._broker_dropped: float | None = None
         self._incoming: deque[mqtt.MQTTMessage] = deque()
         # Messages of devices without a route while the database is unavailable, in arrival
         # order; routed again once a lookup is due (`_route_retry_at`).
@@ -583,7 +597,10 @@ class MqttBridge:
             return
         MQTT_CONNECTED.set(1)
         log.info("mqtt connected url=%s session_present=%s", redacted_url(self.mqtt_url), flags.session_present)
-        client.subscribe(self.topic, qos=1)
+        # One SUBSCRIBE (one SUBACK): telemetry at QoS 1, the broker's counters at QoS 0. A broker
+        # that refuses $SYS to the bridge (an ACL without `topic read $SYS/broker/#`) still gives
+        # telemetry; the SUBACK's reasons say so in the log.
+        client.subscribe([(self.topic, 1), *((topic, 0) for topic in BROKER_STATS)])
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
         log.info("mqtt subscribed topic=%s reasons=%s", self.topic, [str(r) for r in reasons])
@@ -596,6 +613,9 @@ class MqttBridge:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         # Runs on the event loop's thread (bridge/mqtt.py drives paho).
+        if message.topic.startswith("$SYS/"):
+            self._broker_stat(message.topic, message.payload)
+            return
         if self._draining:
             # Not acknowledged: the broker keeps it in our session and redelivers it.
             return
@@ -603,6 +623,32 @@ class MqttBridge:
         if not self._incoming:
             self._incoming_since = time.monotonic()
         self._incoming.append(message)
+
+    def _broker_stat(self, topic: str, payload: bytes) -> None:
+        """Export one of the broker's counters; an ERROR when it has dropped messages."""
+        stat = BROKER_STATS.get(topic)
+        try:
+            value = float(payload)
+        except ValueError:
+            return
+        if stat is None:
+            return
+        BROKER_STAT.labels(stat).set(value)
+        if stat != DROPPED_STAT:
+            return
+        previous, self._broker_dropped = self._broker_dropped, value
+        # The first value heard may count drops from before this bridge started: they happened
+        # while it was away, which is exactly when they matter.
+        dropped = value - (previous or 0.0)
+        if dropped > 0:
+            log.error(
+                "the MQTT broker dropped %d messages (%d since it started): acknowledged device messages "
+                "it could not queue for a subscriber, e.g. this bridge while it was away. Raise the broker's "
+                "max_queued_messages / max_queued_bytes (and max_inflight_messages): docker/mosquitto/mosquitto.conf "
+                "has the settings Argus ships",
+                dropped,
+                value,
+            )
 
     async def _nats_error(self, exc: Exception) -> None:
         log.warning("nats error: %s", exc)

@@ -547,7 +547,7 @@ def mosquitto_config(
         "\n"
         "# The bridge reads every device's telemetry and publishes nothing. Each bridge process\n"
         "# has its own certificate (`pki issue-client NAME`): its CN is also its client id.\n"
-        + "".join(f"user {name}\ntopic read devices/+/telemetry\n" for name in bridges)
+        + "".join(f"user {name}\ntopic read devices/+/telemetry\ntopic read $SYS/broker/#\n" for name in bridges)
     )
     # 0600: Mosquitto >= 2.0.16 warns about (and later versions refuse) world-readable ACL files.
     _write_atomic(acl_path, acl.encode("utf-8"), 0o600)

@@ -346,6 +346,9 @@ class Service:
     stop_signal: int = signal.SIGTERM
     # Called with the URL when a server of this kind already answers (PostgreSQL: create the database).
     when_running: Callable[[str], object] | None = None
+    # Said loudly when a server of this kind that the helper did not start is used: what such a
+    # server must be configured for (the broker: queue limits, or it drops acknowledged messages).
+    foreign_caveat: str = ""
 
     @property
     def default_port(self) -> int:

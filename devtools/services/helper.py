@@ -175,6 +175,9 @@ def up(env: Mapping[str, str] | None = None, echo: Callable[[str], None] = print
                     if spec.service.when_running is not None:
                         spec.service.when_running(spec.url)
                     echo(f"{spec.name} {spec.address} (running)")
+                    ours = _read_pid_file(spec.run_dir / PID_FILE_NAME) is not None
+                    if spec.service.foreign_caveat and not ours:
+                        print(f"WARNING {spec.name} {spec.address}: {spec.service.foreign_caveat}", file=sys.stderr)
                     continue
                 handle = start_for_spec(spec)
                 _write_pid_file(spec, handle)

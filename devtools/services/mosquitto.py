@@ -111,4 +111,14 @@ def _start_at(parts: SplitResult, host: str, port: int, workdir: Path) -> Server
     return start_mosquitto(port, workdir=workdir, host=host)
 
 
-SERVICE = Service("mosquitto", "MQTT_URL", DEFAULT_SERVICE_URLS["MQTT_URL"], INSTALL_HINT, _start_at)
+FOREIGN_CAVEAT = (
+    "this broker was not configured by Argus: unless it has the queue limits and persistence of "
+    "docker/mosquitto/mosquitto.conf (max_queued_messages, max_queued_bytes, max_inflight_messages, "
+    "persistence), it drops acknowledged device messages while the bridge is away or slow (Debian's "
+    "stock Mosquitto keeps 1,000 per session). runbridge reports such drops (an ERROR line, the metric "
+    "argus_broker_stat{stat=\"publish_messages_dropped\"}). See README, 'A broker of your own'."
+)
+
+SERVICE = Service(
+    "mosquitto", "MQTT_URL", DEFAULT_SERVICE_URLS["MQTT_URL"], INSTALL_HINT, _start_at, foreign_caveat=FOREIGN_CAVEAT
+)
