@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -9,6 +10,28 @@ from django.conf import settings
 from django.db import connection
 from django.http import Http404, HttpRequest, HttpResponse
 from django.http.request import split_domain_port
+from django_tenants.middleware.main import TenantMainMiddleware
+
+from argus.outage import close_broken_connection, is_database_error
+from argus.problems import database_unavailable, problem_response
+
+log = logging.getLogger(__name__)
+
+
+class TenantMiddleware(TenantMainMiddleware):
+    """django-tenants' host -> tenant routing, which reads the database on every request: while
+    the database is unavailable, a 503 problem document with Retry-After instead of a 500 page
+    (devices retry; HTTP ingestion must never answer 500)."""
+
+    def process_request(self, request: HttpRequest) -> HttpResponse | None:
+        try:
+            return super().process_request(request)
+        except Exception as exc:
+            if not is_database_error(exc):
+                raise
+            log.warning("database unavailable for %s: %s", request.path, exc)
+            close_broken_connection()
+            return problem_response(database_unavailable())
 
 
 class PlatformAdminHostMiddleware:

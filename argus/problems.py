@@ -6,14 +6,18 @@ Installed as DRF's EXCEPTION_HANDLER, so every API view answers errors in this o
 from __future__ import annotations
 
 import logging
+from http.client import responses
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import RequestDataTooBig
-from django.http import Http404
+from django.http import Http404, HttpResponse, JsonResponse
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler, set_rollback
+
+from argus.outage import close_broken_connection, is_database_error
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,25 @@ class ServiceUnavailable(exceptions.APIException):
     def __init__(self, detail: str | None = None, code: str | None = None, wait: int | None = None) -> None:
         super().__init__(detail, code)
         self.wait = wait
+
+
+def database_unavailable() -> ServiceUnavailable:
+    """The 503 of a request that needs the database while it is unavailable."""
+    return ServiceUnavailable(
+        "The database is unavailable; try again later.", "database_unavailable", settings.ARGUS_HTTP_RETRY_AFTER_SECONDS
+    )
+
+
+def problem_response(exc: exceptions.APIException) -> HttpResponse:
+    """A problem+json response outside DRF (middleware), with Retry-After where the error has one."""
+    code, detail, extra = _code_and_detail(exc)
+    status_code = int(exc.status_code)
+    body = problem(status_code, code, responses.get(status_code, "Error"), detail, **extra)
+    response = JsonResponse(body, status=status_code, content_type=PROBLEM_CONTENT_TYPE)
+    wait = getattr(exc, "wait", None)
+    if wait:
+        response["Retry-After"] = str(int(wait))
+    return response
 
 
 def problem(status_code: int, code: str, title: str, detail: str, **extra: Any) -> dict[str, Any]:
@@ -63,6 +86,11 @@ def problem_exception_handler(exc: Exception, context: dict[str, Any]) -> Respon
         exc = exceptions.NotFound()
     elif isinstance(exc, DjangoPermissionDenied):
         exc = exceptions.PermissionDenied()
+    elif is_database_error(exc):
+        # The database (the credential lookup, the registry) is down, not the request wrong.
+        log.warning("database unavailable in %s: %s", type(context.get("view")).__name__, exc)
+        close_broken_connection()
+        exc = database_unavailable()
     response = exception_handler(exc, context)
     if response is None:
         # A fault of ours, not of the request: log it with the view, answer in the same shape.

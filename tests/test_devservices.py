@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -129,6 +130,20 @@ def test_it_runs_redis() -> None:
         assert client.ping() is True
         client.close()
     assert not port_open("127.0.0.1", server.port)
+
+
+def test_it_keeps_queued_tasks_when_redis_crashes(tmp_path: Path) -> None:
+    # The Celery queue lives in Redis: what a batch queued after its commit (reassembly, alerts)
+    # must outlive a crash of the server (SIGKILL, then a start on the same files).
+    with start_redis(workdir=tmp_path / "redis") as server:
+        client = redis.Redis.from_url(server.url)
+        client.lpush("celery", b"queued-before-the-crash")
+        time.sleep(1.5)  # appendfsync everysec
+        client.close()
+        server.restart(graceful=False)
+        client = redis.Redis.from_url(server.url)
+        assert client.lrange("celery", 0, -1) == [b"queued-before-the-crash"]
+        client.close()
 
 
 def test_it_runs_postgres_and_creates_the_database(shared_tmp: Path) -> None:

@@ -17,9 +17,11 @@ from pathlib import Path
 import psycopg
 import pytest
 from django.db import connection
+from django.test import Client
 from django_tenants.utils import schema_context
 from psycopg import sql
 
+from devices.services import api_key_create
 from devtools.services import ServerHandle
 from telemetry.models import TelemetryRaw
 from tests.conftest import TenantPersona, make_device, make_device_type
@@ -127,3 +129,26 @@ def test_it_stores_everything_once_across_a_database_outage(
         publisher.join(60)
         if pipeline.bridge.running() or pipeline.ingest.running():
             pipeline.stop()
+
+
+def test_it_answers_503_never_500_while_the_database_is_down(live_db: None, alpha: TenantPersona) -> None:
+    with schema_context(alpha.schema):
+        device = make_device(make_device_type())
+    key = api_key_create(logical_id=device.logical_identifier)[1]
+    try:
+        with database_down(str(connection.settings_dict["NAME"]), keep_pid=0):
+            time.sleep(0.5)  # our own connection is among those terminated
+            # The public host (routing by credential) and a tenant's host both need the database.
+            for host in ("devices.example.net", alpha.host):
+                response = Client(HTTP_HOST=host).post(
+                    "/api/v1/telemetry",
+                    data=b'{"values": {"temperature": 1}}',
+                    content_type="application/json",
+                    HTTP_AUTHORIZATION=f"Api-Key {key}",
+                )
+                assert response.status_code == 503, response.content
+                assert response["Content-Type"] == "application/problem+json"
+                assert response.json()["type"] == "urn:argus:problem:database_unavailable"
+                assert int(response["Retry-After"]) > 0
+    finally:
+        connection.close()

@@ -1,4 +1,5 @@
-"""redis-server (or valkey-server) without persistence: a cache and Celery broker for development."""
+"""redis-server (or valkey-server) with an append-only file: the cache and the Celery broker, whose
+queued tasks survive a restart."""
 
 from __future__ import annotations
 
@@ -38,13 +39,16 @@ def start_redis(
     )
     port = _claim_port("redis", bind_host(host), port)
     workdir, owned = _make_workdir("redis", workdir)
-    # Cache and Celery broker for development only: nothing worth persisting across runs.
+    # The Celery broker: tasks queued after a commit (reassembly, alerts, health) must survive a
+    # restart, so an append-only file, fsynced every second (what Redis loses on a crash of the
+    # machine; a restart of Redis itself loses nothing). No RDB snapshots on top.
     argv = [
         str(binary),
         "--port", str(port),
         "--bind", bind_host(host),
         "--save", "",
-        "--appendonly", "no",
+        "--appendonly", "yes",
+        "--appendfsync", "everysec",
         "--dir", str(workdir),
         "--daemonize", "no",
         "--logfile", "",
