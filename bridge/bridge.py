@@ -505,15 +505,38 @@ class MqttBridge:
         pending.sent_at = time.monotonic()
         pending.attempts += 1
         pending.failed = False
+        if self._nc is None or not self._nc.is_connected:
+            # Not while NATS is away: the sweep publishes it again once it is back. (nats-py would
+            # buffer it, or raise after taking a slot of its pending-publish window for good.)
+            pending.failed = True
+            return
         try:
-            future = await self._js.publish_async(pending.subject, pending.payload, headers=pending.headers)
+            future = await self._js.publish_async(
+                pending.subject, pending.payload, headers=pending.headers, wait_stall=self.publish_timeout
+            )
         except Exception as exc:  # noqa: BLE001 - logged and retried by the sweep
-            # Not connected: the sweep tries again.
             log.warning("publish failed, will retry subject=%s: %s", pending.subject, exc)
             pending.failed = True
+            self._release_orphaned_publishes()
             return
         pending.future = future
         future.add_done_callback(functools.partial(self._published, pending))
+
+    def _release_orphaned_publishes(self) -> None:
+        """Free the window slots of publishes nats-py started but never sent.
+
+        publish_async takes a slot of its pending-publish window and registers a future before it
+        sends; when the send raises (the connection closed under it), that future is never
+        resolved and the slot never returned, and once the window is used up every publish waits
+        forever: the bridge wedged. Cancelling those futures returns their slots. (nats-py's
+        private `_publish_async_futures`; the version is pinned in requirements.txt.)
+        """
+        assert self._js is not None
+        ours = {id(p.future) for p in self._inflight.values() if p.future is not None}
+        futures: dict[str, asyncio.Future[Any]] = getattr(self._js, "_publish_async_futures", {})
+        for future in list(futures.values()):
+            if id(future) not in ours and not future.done():
+                future.cancel()
 
     def _published(self, pending: Pending, future: asyncio.Future[Any]) -> None:
         if future.cancelled() or future.exception() is not None:
