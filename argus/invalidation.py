@@ -69,6 +69,7 @@ class InvalidationListener:
         self._stop.set()
 
     def _run(self) -> None:
+        failing_since = 0.0
         while not self._stop.is_set():
             try:
                 pubsub = get_redis_connection("default").pubsub(ignore_subscribe_messages=True)
@@ -76,6 +77,9 @@ class InvalidationListener:
                 # Anything changed while we were not listening is unknown: start afresh.
                 self.cache.clear()
                 self.ready.set()
+                if failing_since:
+                    log.info("profile invalidation listener back after %.0f s", time.monotonic() - failing_since)
+                    failing_since = 0.0
                 while not self._stop.is_set():
                     message = pubsub.get_message(timeout=1.0)
                     if message is None:
@@ -83,7 +87,10 @@ class InvalidationListener:
                     data = json.loads(message["data"])
                     self.cache.invalidate(data["kind"], data["schema"], data["key"])
             except Exception:
-                log.exception("profile invalidation listener lost Redis; retrying in 1 s")
+                # Once per outage, not once a second: cached profiles expire by their TTL meanwhile.
+                if not failing_since:
+                    failing_since = time.monotonic()
+                    log.exception("profile invalidation listener lost Redis; retrying every second")
                 self.ready.clear()
                 time.sleep(1.0)
 

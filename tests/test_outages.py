@@ -22,7 +22,7 @@ from django_tenants.utils import schema_context
 from psycopg import sql
 
 from devices.services import api_key_create
-from devtools.services import ServerHandle
+from devtools.services import ServerHandle, start_redis
 from telemetry.models import TelemetryRaw
 from tests.conftest import TenantPersona, make_device, make_device_type
 from tests.pipeline import Pipeline, Publisher, database_url, read_deadletters, wait_for
@@ -31,6 +31,8 @@ pytestmark = pytest.mark.integration
 
 RATE = 100  # messages a second
 BEFORE, OUTAGE, AFTER = 4.0, 30.0, 4.0  # seconds
+# Longer than the tests' ARGUS_INGEST_MAX_DELIVER (3) deliveries of ARGUS_INGEST_ACK_WAIT_SECONDS (5).
+REDIS_OUTAGE = 20.0
 
 
 def stored_msg_ids(schema: str, logical_id: str) -> list[str]:
@@ -152,3 +154,46 @@ def test_it_answers_503_never_500_while_the_database_is_down(live_db: None, alph
                 assert int(response["Retry-After"]) > 0
     finally:
         connection.close()
+
+
+def test_it_stores_everything_once_while_redis_is_down(
+    broker: ServerHandle, nats_server: ServerHandle, live_db: None, alpha: TenantPersona, tmp_path: Path
+) -> None:
+    # Redis holds the profile cache, the Celery queue and the invalidation channel; none of it may
+    # cost a message. The devices start reporting while it is down, so their profiles are not in
+    # any process's memory and must come from somewhere else than Redis.
+    redis_server = start_redis(workdir=tmp_path / "redis")
+    with schema_context(alpha.schema):
+        device_type = make_device_type()
+        devices = [make_device(device_type).logical_identifier for _ in range(3)]
+    pipeline = Pipeline(broker, nats_server, tmp_path, {"REDIS_URL": redis_server.url}).start()
+    count = int(REDIS_OUTAGE * RATE)
+    try:
+        redis_server.kill()
+        threads, events = [], []
+        for logical_id in devices:
+            done = threading.Event()
+            thread = threading.Thread(target=publish_at_rate, args=(pipeline.mqtt_url, logical_id, count // 3, done))
+            thread.start()
+            threads.append(thread)
+            events.append(done)
+        time.sleep(REDIS_OUTAGE)
+        redis_server.restart(graceful=False)
+        for thread in threads:
+            thread.join(60)
+        assert all(e.is_set() for e in events), "the broker did not acknowledge every message"
+        wanted = count // 3 * len(devices)
+        wait_for(
+            lambda: sum(len(stored_msg_ids(alpha.schema, d)) for d in devices) >= wanted,
+            timeout=60,
+            what=lambda: f"{wanted} messages (have {sum(len(stored_msg_ids(alpha.schema, d)) for d in devices)})",
+        )
+        time.sleep(1)
+        for logical_id in devices:
+            stored = stored_msg_ids(alpha.schema, logical_id)
+            assert sorted(stored) == sorted(f"m-{i}" for i in range(count // 3))
+        assert read_deadletters(pipeline.nats_url) == []
+        assert pipeline.bridge.running() and pipeline.ingest.running()
+    finally:
+        pipeline.stop()
+        redis_server.stop()
