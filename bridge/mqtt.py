@@ -23,7 +23,6 @@ import asyncio
 import logging
 import random
 import ssl
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -125,7 +124,6 @@ class AsyncioDriver:
         # Back-pressure: while paused the socket is not read, so the broker keeps what we have not
         # taken (TCP flow control stops its writes) instead of this process buffering it.
         self._paused = False
-        self._last_read = 0.0
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = self._on_socket_close
         client.on_socket_register_write = self._on_register_write
@@ -187,7 +185,6 @@ class AsyncioDriver:
     def _on_readable(self) -> None:
         if self.client.socket() is None:
             return
-        self._last_read = time.monotonic()
         # One readable event can carry hundreds of packets: process all that were read. paho reads
         # the socket again whenever the buffer runs dry, so a pause must end the loop itself.
         while not self._paused and self.client.loop_read() == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS:
@@ -208,10 +205,11 @@ class AsyncioDriver:
                     await asyncio.sleep(delay * (0.5 + random.random() / 2))  # noqa: S311 - jitter
                     delay = min(delay * 2, self.max_delay)
                     continue
-            if self._paused and time.monotonic() - self._last_read > self.client.keepalive / 2:
-                # paho drops a connection that has read nothing (no PINGRESP) for a keepalive
-                # period: a long pause still reads one chunk (at most READ_CHUNK bytes) now and then.
-                self._on_readable()
+            if self._paused:
+                # The broker's PINGRESP waits behind the backlog we are not reading: keep sending
+                # PINGREQs (the broker drops a silent client) without paho taking the unread
+                # answer for a dead connection.
+                self.client._ping_t = 0
             rc = self.client.loop_misc()
             if rc != mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS and self.client.socket() is not None:
                 # Keepalive missed: drop the socket; the next round reconnects.

@@ -21,6 +21,7 @@ from typing import Any
 import django.db
 import nats
 import orjson
+import paho.mqtt.client as mqtt
 import psycopg
 import pytest
 from django.conf import settings
@@ -35,6 +36,7 @@ from pytest_django.fixtures import SettingsWrapper
 
 from argus.outage import SERVICE_UP, Outage, is_database_error
 from bridge.bridge import DeviceRateLimit, MqttBridge
+from bridge.mqtt import AsyncioDriver, BufferedClient
 from devices.models import Device, DeviceStatus, DeviceType, ProcessingMode, ProtocolAdapter
 from devtools.services import ServerHandle
 from telemetry.consumer import IngestConsumer, StepOutcome
@@ -308,6 +310,33 @@ def test_it_stops_reading_the_broker_while_it_holds_its_window_of_unacknowledged
             await streams.close()
             await bridge.close()
             await close_database_thread()
+
+    asyncio.run(scenario())
+
+
+def test_it_keeps_the_broker_connection_while_reading_is_paused(broker: ServerHandle) -> None:
+    async def scenario() -> None:
+        client = BufferedClient(mqtt.CallbackAPIVersion.VERSION2, client_id=unique_id("paused"))
+
+        def connect() -> None:
+            client.connect("127.0.0.1", broker.port, keepalive=1)
+
+        driver = AsyncioDriver(client, connect)
+        driver.start()
+        try:
+            deadline = time.monotonic() + 10
+            while not client.is_connected():
+                assert time.monotonic() < deadline, "never connected"
+                await asyncio.sleep(0.05)
+            driver.pause_reading()
+            # Several keepalive periods without reading a PINGRESP: paho would call it a dead link.
+            await asyncio.sleep(4.5)
+            assert client.is_connected() and client.socket() is not None
+            driver.resume_reading()
+            await asyncio.sleep(0.5)
+            assert client.is_connected()
+        finally:
+            await driver.stop()
 
     asyncio.run(scenario())
 
