@@ -5,7 +5,9 @@ the same asyncio loop (bridge/mqtt.py), appends each message to a deque. `step()
 has arrived (device → tenant), packs each tenant's messages into envelopes (up to 500 messages
 per JetStream message, see telemetry/jetstream.py), publishes them without awaiting each PubAck
 (a bounded window of `publish_async` futures) and acknowledges the MQTT messages of an envelope
-only once its PubAck has arrived. A publish that fails or gets no PubAck is published again with
+only once its PubAck has arrived. It holds at most `max_held` unacknowledged messages (twice the
+publish window) and stops reading from the broker while it does, so a burst waits in the
+broker's queue, not in this process. A publish that fails or gets no PubAck is published again with
 the same message id, which JetStream's duplicate window absorbs. Nothing is acknowledged to the
 broker that JetStream does not hold, so a crash of the bridge loses nothing: the broker
 redelivers. Messages of unknown devices go to the dead-letter stream; a known device's oversized
@@ -229,6 +231,13 @@ class MqttBridge:
         share_group = settings.ARGUS_BRIDGE_SHARE_GROUP if share_group is None else share_group
         self.topic = f"$share/{share_group}/{TOPIC}" if share_group else TOPIC
         self.max_inflight = max_inflight or settings.ARGUS_BRIDGE_MAX_INFLIGHT
+        # The most unacknowledged MQTT messages this process holds (received, waiting or in flight
+        # to JetStream) before it stops reading the broker's socket; reading resumes below half.
+        # The broker's in-flight limit did not bound them: 30 s into a flat-out burst Mosquitto
+        # 2.0.11 (max_inflight_messages 1000, MQTT 3.1.1) had sent 392,000 messages this process
+        # had not acknowledged, and holding them took it to 1.5 GB (~2 KB each). The backlog
+        # belongs in the broker's queue, which is bounded and sized for it.
+        self.max_held = 2 * self.max_inflight
         # MQTT 3.1.1 by default: paho builds an MQTT 5 Properties object for every received
         # message, which measured as half of the bridge's CPU. Both keep a persistent session.
         self.protocol = mqtt.MQTTv5 if settings.ARGUS_BRIDGE_MQTT_PROTOCOL == "5" else mqtt.MQTTv311
@@ -323,11 +332,15 @@ class MqttBridge:
     async def step(self) -> bool:
         """Route and publish what has arrived; retry failed publishes. False when idle."""
         await self._sweep()
+        if self._driver is not None and self._driver.paused and self._held() <= self.max_held // 2:
+            self._driver.resume_reading()
         room = min(self.batch, self.max_inflight - self._inflight_messages)
         filling = (
             len(self._incoming) < self.envelope_messages
             and time.monotonic() - self._incoming_since < self.linger
             and not self._draining
+            # Reading is paused: nothing more arrives until this process forwards what it holds.
+            and not (self._driver is not None and self._driver.paused)
         )
         unrouted_due = bool(self._unrouted) and time.monotonic() >= self._route_retry_at
         if ((not self._incoming or filling) and not unrouted_due) or room <= 0:
@@ -382,6 +395,10 @@ class MqttBridge:
         for schema, items in limited.items():
             await self._send_envelopes(schema, items, refusal=self.rate_limit.reason)
         return True
+
+    def _held(self) -> int:
+        """Unacknowledged MQTT messages in this process."""
+        return len(self._incoming) + len(self._unrouted) + self._inflight_messages
 
     async def _load_routes(self, logical_ids: list[str]) -> dict[str, Route | None] | None:
         """Look the routes up in the registry; None while the database is unavailable (and
@@ -571,10 +588,11 @@ class MqttBridge:
             # One line per half minute with what was done since the last one.
             self._last_summary = now
             log.info(
-                "bridge progress forwarded=%d inflight=%d queued=%d",
+                "bridge progress forwarded=%d inflight=%d queued=%d reading_paused=%s",
                 self._forwarded_since_summary,
                 self._inflight_messages,
                 len(self._incoming),
+                self._driver is not None and self._driver.paused,
             )
             self._forwarded_since_summary = 0
         for pending in list(self._inflight.values()):
@@ -646,6 +664,8 @@ class MqttBridge:
         if not self._incoming:
             self._incoming_since = time.monotonic()
         self._incoming.append(message)
+        if self._driver is not None and self._held() >= self.max_held:
+            self._driver.pause_reading()
 
     def _broker_stat(self, topic: str, payload: bytes) -> None:
         """Export one of the broker's counters; an ERROR when it has dropped messages."""

@@ -8,6 +8,11 @@ is read in large chunks that paho then consumes from memory, all packets queued 
 write event go out in a single `send`, and the event loop (not a second thread) drives paho,
 so acknowledging a message never crosses threads.
 
+The driver also gives back-pressure: `pause_reading()` stops reading the socket (TCP flow control
+then stops the broker's writes, and the broker keeps the backlog in its queue for the session),
+`resume_reading()` starts again. The bridge pauses once it holds its window of unacknowledged
+messages.
+
 The overrides touch paho's private `_sock_recv`/`_sock_send`/`_sock_close`; the version is
 pinned in requirements.txt and tests/test_pipeline.py exercises this path end to end.
 """
@@ -116,6 +121,9 @@ class AsyncioDriver:
         self._loop = asyncio.get_running_loop()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        # Back-pressure: while paused the socket is not read, so the broker keeps what we have not
+        # taken (TCP flow control stops its writes) instead of this process buffering it.
+        self._paused = False
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = self._on_socket_close
         client.on_socket_register_write = self._on_register_write
@@ -134,10 +142,35 @@ class AsyncioDriver:
             self.client.disconnect()
             self.client.loop_write()
 
+    def pause_reading(self) -> None:
+        """Stop reading the socket (what is already read is still processed)."""
+        if self._paused:
+            return
+        self._paused = True
+        sock = self.client.socket()
+        if sock is not None:
+            self._loop.remove_reader(sock)
+
+    def resume_reading(self) -> None:
+        """Read the socket again."""
+        if not self._paused:
+            return
+        self._paused = False
+        sock = self.client.socket()
+        if sock is not None:
+            self._loop.add_reader(sock, self._on_readable)
+            # Bytes read (or decrypted by TLS) before the pause do not make the socket readable.
+            self._loop.call_soon(self._on_readable)
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
     # -- socket callbacks (from paho, on the loop's thread) --
 
     def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        self._loop.add_reader(sock, self._on_readable)
+        if not self._paused:
+            self._loop.add_reader(sock, self._on_readable)
 
     def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         self._loop.remove_reader(sock)
@@ -150,8 +183,11 @@ class AsyncioDriver:
         self._loop.remove_writer(sock)
 
     def _on_readable(self) -> None:
-        # One readable event can carry hundreds of packets: process all that were read.
-        while self.client.loop_read() == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS:
+        if self.client.socket() is None:
+            return
+        # One readable event can carry hundreds of packets: process all that were read. paho reads
+        # the socket again whenever the buffer runs dry, so a pause must end the loop itself.
+        while not self._paused and self.client.loop_read() == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS:
             if not self.client.has_buffered_input():
                 break
 
@@ -169,6 +205,11 @@ class AsyncioDriver:
                     await asyncio.sleep(delay * (0.5 + random.random() / 2))  # noqa: S311 - jitter
                     delay = min(delay * 2, self.max_delay)
                     continue
+            if self._paused:
+                # The broker's PINGRESP waits behind the backlog we are not reading: keep sending
+                # PINGREQs (the broker drops a silent client) without paho taking the unread
+                # answer for a dead connection.
+                self.client._ping_t = 0
             rc = self.client.loop_misc()
             if rc != mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS and self.client.socket() is not None:
                 # Keepalive missed: drop the socket; the next round reconnects.

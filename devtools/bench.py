@@ -2,7 +2,10 @@
 
 `manage.py bench` (and `make bench`) runs it. Everything is measured on this run's own
 messages only: their msg_ids start with a run id, and the database is asked about rows newer
-than the highest telemetry_raw id seen before the run.
+than the highest telemetry_raw id seen before the run. After the load it waits for the drain as
+long as rows keep being stored (`drain_seconds`, `drain_complete`), and it reads the broker's
+$SYS counters itself: messages the broker dropped (`broker_dropped`, a session queue full) are
+reported apart from what the pipeline lost (`pipeline_lost`); `lost` counts both.
 
 Environment: BENCH_RATE (msgs/s, 0 = flat out; 5000), BENCH_SECONDS (30), BENCH_MODE
 (endpoint | gateway; gateway messages carry 50 children), BENCH_DEVICES (1000 endpoint devices or
@@ -28,11 +31,13 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse, urlunparse
 
+import paho.mqtt.client as mqtt
 import redis
 from django.conf import settings
 from django.core.management import call_command
 from django.db import connection, transaction
 from django_tenants.utils import schema_context
+from paho.mqtt.enums import CallbackAPIVersion
 
 from argus.models import Domain, Organization
 from argus.registry import registry_sync
@@ -46,7 +51,11 @@ ENDPOINT_TYPE = "Bench Endpoint"
 GATEWAY_TYPE = "Bench Gateway"
 GATEWAY_CHILDREN = 50
 READY_TIMEOUT = 90.0  # Django start-up of two processes on a busy 2-core machine
-DRAIN_IDLE_SECONDS = 15.0
+# The drain lasts as long as rows keep arriving: it gives up only after this long without one
+# (a stalled pipeline), however long the whole drain takes.
+DRAIN_IDLE_SECONDS = 60.0
+# Mosquitto republishes its $SYS counters every sys_interval (10 s by default).
+BROKER_STAT_WAIT = 12.0
 STOP_TIMEOUT = 60.0
 SAMPLE_INTERVAL = 0.5
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -430,6 +439,55 @@ def percentile(sorted_values: Sequence[float], fraction: float) -> float:
     return sorted_values[index]
 
 
+# --------------------------------------------------------------------------- the broker's own counters
+
+
+class BrokerStats:
+    """Follows the private broker's $SYS counters: messages it dropped (a session's queue full) and
+    messages it stores. Drops are the broker's, not the pipeline's: reported apart from `lost`."""
+
+    DROPPED = "$SYS/broker/publish/messages/dropped"
+    STORED = "$SYS/broker/store/messages/count"
+    STORED_BYTES = "$SYS/broker/store/messages/bytes"
+
+    def __init__(self, url: str, client_id: str) -> None:
+        parts = urlparse(url)
+        self.values: dict[str, float] = {}
+        self.peaks: dict[str, float] = {}
+        self.updated_at: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
+        self._client.on_connect = lambda client, *_: client.subscribe(
+            [(self.DROPPED, 0), (self.STORED, 0), (self.STORED_BYTES, 0)]
+        )
+        self._client.on_message = self._on_message
+        self._client.connect(parts.hostname or "127.0.0.1", parts.port or 1883, keepalive=30)
+        self._client.loop_start()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        try:
+            value = float(message.payload)
+        except ValueError:
+            return
+        with self._lock:
+            self.values[message.topic] = value
+            self.peaks[message.topic] = max(value, self.peaks.get(message.topic, value))
+            self.updated_at[message.topic] = time.monotonic()
+
+    def dropped_since(self, baseline: float, after: float) -> float | None:
+        """Messages dropped since `baseline`, from a counter published after `after` (monotonic
+        time; waits up to BROKER_STAT_WAIT for one); None when the broker never said."""
+        deadline = time.monotonic() + BROKER_STAT_WAIT
+        while time.monotonic() < deadline and self.updated_at.get(self.DROPPED, 0.0) <= after:
+            time.sleep(0.2)
+        value = self.values.get(self.DROPPED)
+        return None if value is None else value - baseline
+
+    def close(self) -> None:
+        self._client.loop_stop()
+        self._client.disconnect()
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -456,7 +514,11 @@ class Bench:
         self.celery_url = os.environ.get("BENCH_CELERY_BROKER_URL") or urlunparse(redis_url._replace(path="/13"))
         self.servers: list[ServerHandle] = []
         self.pipeline: Supervisor | None = None
+        self.broker_stats: BrokerStats | None = None
         self.exit_codes: dict[str, int | None] = {}
+        self.broker_dropped: float | None = None
+        self.drain_complete = False
+        self._dropped_before = 0.0
 
     def log(self, text: str) -> None:
         self.out.write(f"bench: {text}\n")
@@ -512,6 +574,9 @@ class Bench:
         self.warm_up(devices, base_id)
 
         sampler = ProcSampler({**pipeline_pids(self.pipeline), "mosquitto": [broker.pid]})
+        self.broker_stats = BrokerStats(broker.url, f"argus-bench-stats-{self.run_id}")
+        time.sleep(0.5)  # the retained $SYS values arrive on subscribing
+        dropped_before = self._dropped_before = self.broker_stats.values.get(BrokerStats.DROPPED, 0.0)
         prefix = f"{self.run_id}-L"
         rate = "flat out" if not self.bench.rate else f"{self.bench.rate:g} msgs/s"
         self.log(
@@ -527,6 +592,7 @@ class Bench:
         self.log(result.summary_line())
         stored = self.drain(base_id, prefix, result.sent)
         sampler.mark_end()
+        self.broker_dropped = self.broker_stats.dropped_since(dropped_before, time.monotonic())
         self.log(f"stored {stored} of {result.sent} messages; stopping the pipeline")
         self.exit_codes = stop_pipeline(self.pipeline)
         redis.Redis.from_url(self.celery_url).flushdb()
@@ -574,15 +640,30 @@ class Bench:
             raise BenchError(f"the pipeline rejected warm-up messages: {reasons}")
 
     def drain(self, base_id: int, prefix: str, sent: int) -> int:
-        """Wait until every sent message is stored or nothing new is stored for DRAIN_IDLE_SECONDS."""
+        """Wait until every sent message is stored, however long that takes while rows keep
+        arriving; give up only when none has for DRAIN_IDLE_SECONDS."""
         assert self.pipeline is not None
-        stored, last_progress = -1, time.monotonic()
+        started = time.monotonic()
+        stored, last_progress, last_log = -1, started, started
         while True:
             now_stored = count_stored(base_id, prefix)
             if now_stored != stored:
                 stored, last_progress = now_stored, time.monotonic()
-            if stored >= sent or time.monotonic() - last_progress > DRAIN_IDLE_SECONDS:
+            if stored >= sent:
+                self.drain_complete = True
                 return stored
+            dropped = self.broker_stats.values.get(BrokerStats.DROPPED) if self.broker_stats else None
+            if dropped is not None and stored + dropped - self._dropped_before >= sent:
+                # What the broker dropped never comes: everything else is stored.
+                self.log(f"draining: {stored} stored, the rest dropped by the broker")
+                self.drain_complete = True
+                return stored
+            if time.monotonic() - last_progress > DRAIN_IDLE_SECONDS:
+                self.log(f"draining: nothing stored for {DRAIN_IDLE_SECONDS:.0f} s, giving up")
+                return stored
+            if time.monotonic() - last_log >= 30:
+                last_log = time.monotonic()
+                self.log(f"draining: {stored} of {sent} stored after {last_log - started:.0f} s")
             self.pipeline.check_alive()
             time.sleep(0.25)
 
@@ -643,6 +724,8 @@ class Bench:
             "p99_latency_ms": round(percentile(latencies, 0.99), 1),
             "max_latency_ms": round(latencies[-1], 1) if latencies else 0.0,
             "lost": lost,
+            # Of those, not the broker's doing (broker_dropped below): lost between broker and database.
+            "pipeline_lost": max(0, lost - int(self.broker_dropped or 0)),
             "duplicates": extra_history + unexpected_raw,
             "rejected": rejected,
             "missing_readings": missing_readings,
@@ -653,6 +736,14 @@ class Bench:
             "readings_stored": stored_readings,
             "send_seconds": round(send_duration, 2),
             "drain_seconds": round(drain_seconds, 2),
+            "drain_complete": self.drain_complete,
+            # Acknowledged to a device, then dropped by the broker (a session queue full): not the
+            # pipeline's loss, but the broker configuration's (null: the broker did not say).
+            "broker_dropped": None if self.broker_dropped is None else int(self.broker_dropped),
+            "broker_stored_peak": int(self.broker_stats.peaks.get(BrokerStats.STORED, 0)) if self.broker_stats else 0,
+            "broker_stored_mb_peak": round(self.broker_stats.peaks.get(BrokerStats.STORED_BYTES, 0) / 1024**2, 1)
+            if self.broker_stats
+            else 0.0,
             "kept_up": kept_up,
             "sustained_basis": sustained_basis,
             "cpu_cores_bridge": round(sampler.cores("bridge"), 2),
@@ -665,6 +756,7 @@ class Bench:
             "rss_mb_ingest_start": ingest_rss["start"],
             "rss_mb_ingest_end": ingest_rss["end"],
             "rss_mb_ingest_peak": ingest_rss["peak"],
+            "rss_mb_mosquitto_peak": sampler.rss_mb("mosquitto")["peak"],
             "exit_codes": self.exit_codes,
             "mode": self.bench.mode,
             "rate": self.bench.rate,
@@ -679,6 +771,8 @@ class Bench:
         return report
 
     def close(self) -> None:
+        if self.broker_stats is not None:
+            self.broker_stats.close()
         if self.pipeline is not None:
             self.pipeline.stop([], STOP_TIMEOUT)
         for server in reversed(self.servers):
@@ -688,6 +782,7 @@ class Bench:
 def failures(report: dict[str, Any]) -> list[str]:
     """Why the run counts as failed (empty: passed)."""
     problems = [f"{key}={report[key]}" for key in ("lost", "duplicates", "rejected", "missing_readings") if report[key]]
+    problems += [f"broker_dropped={report['broker_dropped']}"] if report.get("broker_dropped") else []
     problems += [f"{name} exited with {code}" for name, code in report["exit_codes"].items() if code != 0]
     return problems
 
@@ -703,13 +798,16 @@ def human_summary(report: dict[str, Any]) -> str:
             f"[{r['sustained_basis']}; drained {r['drain_seconds']} s after the last send]",
             f"  latency    p50 {r['p50_latency_ms']} ms  p99 {r['p99_latency_ms']} ms  max {r['max_latency_ms']} ms"
             "  (stored_at - device ts)",
-            f"  integrity  lost {r['lost']}  duplicates {r['duplicates']}  rejected {r['rejected']}  "
-            f"missing readings {r['missing_readings']}",
+            f"  integrity  lost {r['lost']} (pipeline {r['pipeline_lost']})  duplicates {r['duplicates']}  "
+            f"rejected {r['rejected']}  "
+            f"missing readings {r['missing_readings']}  dropped by the broker {r['broker_dropped']}",
             f"  cpu cores  bridge {r['cpu_cores_bridge']}  ingest {r['cpu_cores_ingest']}  "
             f"mosquitto {r['cpu_cores_mosquitto']}  whole machine {r['cpu_cores_machine']}",
             f"  rss MB     bridge {r['rss_mb_bridge_start']} -> {r['rss_mb_bridge_end']} "
             f"(peak {r['rss_mb_bridge_peak']})"
-            f"  ingest {r['rss_mb_ingest_start']} -> {r['rss_mb_ingest_end']} (peak {r['rss_mb_ingest_peak']})",
+            f"  ingest {r['rss_mb_ingest_start']} -> {r['rss_mb_ingest_end']} (peak {r['rss_mb_ingest_peak']})"
+            f"  mosquitto peak {r['rss_mb_mosquitto_peak']}",
+            f"  broker     stored peak {r['broker_stored_peak']} messages ({r['broker_stored_mb_peak']} MB)",
             f"  exit codes {r['exit_codes']}",
         ]
     )

@@ -46,7 +46,7 @@ def shared_tmp() -> Iterator[Path]:
 def test_it_runs_mosquitto_with_the_shipped_config() -> None:
     with start_mosquitto() as broker:
         conf = (broker.workdir / "mosquitto.conf").read_text()
-        assert "max_queued_messages 1000000" in conf
+        assert "max_queued_bytes 805306368" in conf and "max_queued_messages 8000000" in conf
         assert f"listener {broker.port} 127.0.0.1" in conf
         received: list[bytes] = []
         got = threading.Event()

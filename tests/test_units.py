@@ -21,6 +21,7 @@ from typing import Any
 import django.db
 import nats
 import orjson
+import paho.mqtt.client as mqtt
 import psycopg
 import pytest
 from django.conf import settings
@@ -35,6 +36,7 @@ from pytest_django.fixtures import SettingsWrapper
 
 from argus.outage import SERVICE_UP, Outage, is_database_error
 from bridge.bridge import DeviceRateLimit, MqttBridge
+from bridge.mqtt import AsyncioDriver, BufferedClient
 from devices.models import Device, DeviceStatus, DeviceType, ProcessingMode, ProtocolAdapter
 from devtools.services import ServerHandle
 from telemetry.consumer import IngestConsumer, StepOutcome
@@ -273,6 +275,68 @@ def test_it_sends_what_a_device_sends_over_its_rate_limit_as_refused(
             await streams.close()
             await bridge.close()
             await close_database_thread()
+
+    asyncio.run(scenario())
+
+
+def test_it_stops_reading_the_broker_while_it_holds_its_window_of_unacknowledged_messages(
+    broker: ServerHandle, nats_server: ServerHandle, live_db: None, alpha: TenantPersona
+) -> None:
+    with schema_context(alpha.schema):
+        device = make_device(endpoint_type())
+    logical_id = device.logical_identifier
+    # 60 messages of 20 KB: 1.2 MB, several of the driver's 256 KB reads.
+    payloads = [
+        orjson.dumps({"msg_id": f"w-{i}", "values": {"temperature": i}, "pad": "x" * 20_000}) for i in range(60)
+    ]
+
+    async def scenario() -> None:
+        bridge = await started_bridge(broker, nats_server, batch=len(payloads))
+        bridge.max_inflight, bridge.max_held = 2, 4
+        streams = await Streams.open(nats_server.url)
+        try:
+            # No step(): nothing is forwarded, so the window fills and reading stops; the broker keeps the rest.
+            await publish(f"mqtt://127.0.0.1:{broker.port}", [(logical_id, p) for p in payloads])
+            await asyncio.sleep(1.0)
+            assert bridge._driver is not None and bridge._driver.paused
+            # The window, plus what was left of the read in hand when it filled (at most 256 KB).
+            assert bridge.max_held <= len(bridge._incoming) <= bridge.max_held + 14
+            await step_until(
+                bridge, streams, lambda: sum(len(r) for _, r in streams.envelopes_of(logical_id)) >= len(payloads)
+            )
+            records = [record for _, rs in streams.envelopes_of(logical_id) for record in rs]
+            assert [r.payload for r in records] == payloads  # all of them, once, in order
+        finally:
+            await streams.close()
+            await bridge.close()
+            await close_database_thread()
+
+    asyncio.run(scenario())
+
+
+def test_it_keeps_the_broker_connection_while_reading_is_paused(broker: ServerHandle) -> None:
+    async def scenario() -> None:
+        client = BufferedClient(mqtt.CallbackAPIVersion.VERSION2, client_id=unique_id("paused"))
+
+        def connect() -> None:
+            client.connect("127.0.0.1", broker.port, keepalive=1)
+
+        driver = AsyncioDriver(client, connect)
+        driver.start()
+        try:
+            deadline = time.monotonic() + 10
+            while not client.is_connected():
+                assert time.monotonic() < deadline, "never connected"
+                await asyncio.sleep(0.05)
+            driver.pause_reading()
+            # Several keepalive periods without reading a PINGRESP: paho would call it a dead link.
+            await asyncio.sleep(4.5)
+            assert client.is_connected() and client.socket() is not None
+            driver.resume_reading()
+            await asyncio.sleep(0.5)
+            assert client.is_connected()
+        finally:
+            await driver.stop()
 
     asyncio.run(scenario())
 
