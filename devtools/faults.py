@@ -210,12 +210,10 @@ def database_url() -> str:
 
 
 @contextmanager
-def database_down() -> Iterator[None]:
-    """Refuse new connections to our database and keep terminating those that exist until the
-    block ends (from a session on `postgres`): for runbridge and runingest, the server is down.
-    The method of tests/test_outages.py; `pg_ctl stop -m immediate` would stop other users' databases."""
-    dbname = str(connection.settings_dict["NAME"])
-    connection.close()  # ours goes too; Django reconnects afterwards
+def database_down(dbname: str, keep_pid: int = 0) -> Iterator[threading.Event]:
+    """Refuse new connections to `dbname` and keep terminating those that exist (all but
+    `keep_pid`) until the block ends, from a session on `postgres`: for runbridge and runingest,
+    the server is down. (`pg_ctl stop -m immediate` would stop other users' databases too.)"""
     admin = psycopg.connect(database_url().rsplit("/", 1)[0] + "/postgres", autocommit=True)
     name = sql.Identifier(dbname)
     admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(name))
@@ -224,15 +222,16 @@ def database_down() -> Iterator[None]:
     def terminate() -> None:
         while not over.is_set():
             admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
-                (dbname,),
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = %s AND pid <> %s AND pid <> pg_backend_pid()",
+                (dbname, keep_pid),
             )
             over.wait(0.2)
 
-    killer = threading.Thread(target=terminate, name="faults-pg-terminate")
+    killer = threading.Thread(target=terminate, name="database-down")
     killer.start()
     try:
-        yield
+        yield over
     finally:
         over.set()
         killer.join()
@@ -263,7 +262,8 @@ class Fault:
 
 
 def _postgres_outage(run: FaultRun) -> None:
-    with database_down():
+    connection.close()  # ours goes too; Django reconnects afterwards
+    with database_down(str(connection.settings_dict["NAME"])):
         time.sleep(run.fault.during)
         for name in ("runbridge", "runingest"):
             if not run.child(name).running():

@@ -16,24 +16,15 @@ import nats
 import orjson
 import paho.mqtt.client as mqtt
 from django.conf import settings
-from django.db import connection
 from paho.mqtt.enums import CallbackAPIVersion
 
+from devtools.faults import database_url
 from devtools.services import ServerHandle
 from devtools.supervisor import BEAT_READY, BRIDGE_READY, INGEST_READY, WORKER_READY, Child, celery, manage
 from telemetry.jetstream import DEADLETTER_STREAM
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
-
-
-def database_url() -> str:
-    """The URL of the database the tests run against (pytest-django's test database)."""
-    s = connection.settings_dict
-    auth = s["USER"] or "postgres"
-    if s["PASSWORD"]:
-        auth += f":{s['PASSWORD']}"
-    return f"postgresql://{auth}@{s['HOST'] or '127.0.0.1'}:{s['PORT'] or 5432}/{s['NAME']}"
 
 
 def read_deadletters(nats_url: str) -> list[tuple[str, dict[str, str], bytes]]:

@@ -10,22 +10,19 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import psycopg
 import pytest
 from django.db import connection
 from django.test import Client
 from django_tenants.utils import schema_context
-from psycopg import sql
 
 from devices.services import api_key_create
+from devtools.faults import database_down
 from devtools.services import ServerHandle, start_redis
 from telemetry.models import TelemetryRaw
 from tests.conftest import TenantPersona, make_device, make_device_type
-from tests.pipeline import Pipeline, Publisher, database_url, read_deadletters, wait_for
+from tests.pipeline import Pipeline, Publisher, read_deadletters, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -58,35 +55,6 @@ def publish_at_rate(mqtt_url: str, logical_id: str, count: int, done: threading.
         done.set()
     finally:
         sender.close()
-
-
-@contextmanager
-def database_down(dbname: str, keep_pid: int) -> Iterator[threading.Event]:
-    """Refuse new connections to `dbname` and keep terminating those that exist (all but
-    `keep_pid`, the test's own) until the returned event is set; then allow them again."""
-    admin = psycopg.connect(database_url().rsplit("/", 1)[0] + "/postgres", autocommit=True)
-    name = sql.Identifier(dbname)
-    admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(name))
-    over = threading.Event()
-
-    def terminate() -> None:
-        while not over.is_set():
-            admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE datname = %s AND pid <> %s AND pid <> pg_backend_pid()",
-                (dbname, keep_pid),
-            )
-            over.wait(0.2)
-
-    killer = threading.Thread(target=terminate)
-    killer.start()
-    try:
-        yield over
-    finally:
-        over.set()
-        killer.join()
-        admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(name))
-        admin.close()
 
 
 def test_it_stores_everything_once_across_a_database_outage(
