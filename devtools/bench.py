@@ -118,13 +118,20 @@ def migrate_database(log: Callable[[str], None]) -> None:
     call_command("migrate_schemas", interactive=False, verbosity=0)
 
 
+def ensure_tenant(schema: str, name: str, log: Callable[[str], None]) -> Organization:
+    """The tool's own tenant, with its domain `<schema>.localhost` (created once: that migrates its
+    schema, which takes a while)."""
+    tenant = Organization.objects.filter(schema_name=schema).first()
+    if tenant is None:
+        log(f"creating tenant {schema!r} (migrates its schema, takes a while once)")
+        tenant = Organization.objects.create(schema_name=schema, name=name)
+    Domain.objects.get_or_create(domain=f"{schema}.localhost", defaults={"tenant": tenant, "is_primary": True})
+    return tenant
+
+
 def ensure_bench_devices(bench: BenchSettings, log: Callable[[str], None]) -> list[str]:
     """Create (idempotently) tenant `bench`, its device types and devices; return their logical ids."""
-    tenant = Organization.objects.filter(schema_name=SCHEMA).first()
-    if tenant is None:
-        log("creating tenant 'bench' (migrates its schema, takes a while once)")
-        tenant = Organization.objects.create(schema_name=SCHEMA, name="Benchmark")
-    Domain.objects.get_or_create(domain="bench.localhost", defaults={"tenant": tenant, "is_primary": True})
+    ensure_tenant(SCHEMA, "Benchmark", log)
     prefix = "BENCH-E-" if bench.mode == "endpoint" else "BENCH-G-"
     ids = [f"{prefix}{i:05d}" for i in range(bench.devices)]
     with schema_context(SCHEMA), transaction.atomic():

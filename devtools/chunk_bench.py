@@ -46,7 +46,6 @@ from django.conf import settings  # noqa: E402
 from django.db import connection, transaction  # noqa: E402
 from django_tenants.utils import schema_context  # noqa: E402
 
-from argus.models import Domain, Organization  # noqa: E402
 from argus.registry import registry_sync  # noqa: E402
 from devices.models import Device, DeviceRole, DeviceType, ProcessingMode  # noqa: E402
 from devtools.bench import (  # noqa: E402
@@ -54,6 +53,7 @@ from devtools.bench import (  # noqa: E402
     BenchSettings,
     ProcSampler,
     ensure_bench_devices,
+    ensure_tenant,
     max_raw_id,
     migrate_database,
     percentile,
@@ -109,11 +109,7 @@ def log(text: str) -> None:
 
 
 def ensure_gateways(count: int) -> list[str]:
-    tenant = Organization.objects.filter(schema_name=SCHEMA).first()
-    if tenant is None:
-        log("creating tenant 'bench'")
-        tenant = Organization.objects.create(schema_name=SCHEMA, name="Benchmark")
-    Domain.objects.get_or_create(domain="bench.localhost", defaults={"tenant": tenant, "is_primary": True})
+    ensure_tenant(SCHEMA, "Benchmark", log)
     ids = [f"BENCH-C-{i:05d}" for i in range(count)]
     with schema_context(SCHEMA), transaction.atomic():
         device_type = DeviceType.objects.filter(name=TYPE_NAME).first()

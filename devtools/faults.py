@@ -36,8 +36,8 @@ from nats.js.errors import NotFoundError
 from paho.mqtt.enums import CallbackAPIVersion
 from psycopg import sql
 
-from argus.models import Domain, Organization
 from devices.models import Device, DeviceType, ProcessingMode
+from devtools.bench import ensure_tenant
 from devtools.services import ServerHandle, start_mosquitto, start_nats
 from devtools.supervisor import BRIDGE_READY, INGEST_READY, Child, ChildError, Supervisor, log_says, manage
 from telemetry.jetstream import DEADLETTER_STREAM
@@ -466,10 +466,7 @@ class FaultRun:
 def ensure_device() -> None:
     """Tenant `faults` with one endpoint device (idempotent; migrates every schema first)."""
     call_command("migrate_schemas", interactive=False, verbosity=0)
-    tenant = Organization.objects.filter(schema_name=SCHEMA).first()
-    if tenant is None:
-        tenant = Organization.objects.create(schema_name=SCHEMA, name="Fault suite")
-    Domain.objects.get_or_create(domain="faults.localhost", defaults={"tenant": tenant, "is_primary": True})
+    ensure_tenant(SCHEMA, "Fault suite", lambda line: None)
     with schema_context(SCHEMA), transaction.atomic():
         device_type = DeviceType.objects.filter(name=DEVICE_TYPE).first()
         if device_type is None:
