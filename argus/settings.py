@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import ipaddress
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -387,6 +388,24 @@ ARGUS_CRL_CHECK_SECONDS = env_float("ARGUS_CRL_CHECK_SECONDS", 3600.0)
 ARGUS_BROKER_PID_FILE = env("ARGUS_BROKER_PID_FILE", "")
 ARGUS_BROKER_RELOAD_COMMAND = env("ARGUS_BROKER_RELOAD_COMMAND", "")
 CELERY_BEAT_SCHEDULE["crl-renew"] = {"task": "devices.tasks.crl_renew", "schedule": ARGUS_CRL_CHECK_SECONDS}
+
+# --- Alerts, health scores, webhooks (assets/; docs/alerts-and-health.md) --------------------
+# The beat sweep: duration rules whose condition has held long enough without a new reading,
+# no-data rules, and webhook deliveries due for a retry, every this many seconds per tenant.
+ARGUS_ALERT_SWEEP_SECONDS = env_float("ARGUS_ALERT_SWEEP_SECONDS", 10.0)
+CELERY_BEAT_SCHEDULE["alerts-sweep"] = {"task": "assets.tasks.alerts_sweep_all", "schedule": ARGUS_ALERT_SWEEP_SECONDS}
+# An asset's score is recomputed at most once per this many seconds, however often its devices report.
+ARGUS_HEALTH_DEBOUNCE_SECONDS = env_float("ARGUS_HEALTH_DEBOUNCE_SECONDS", 1.0)
+# Webhooks: per-attempt timeout, attempts before giving up, backoff (base * 2^(n-1), capped).
+ARGUS_WEBHOOK_TIMEOUT_SECONDS = env_float("ARGUS_WEBHOOK_TIMEOUT_SECONDS", 5.0)
+ARGUS_WEBHOOK_MAX_ATTEMPTS = env_int("ARGUS_WEBHOOK_MAX_ATTEMPTS", 8)
+ARGUS_WEBHOOK_RETRY_BASE_SECONDS = env_float("ARGUS_WEBHOOK_RETRY_BASE_SECONDS", 10.0)
+ARGUS_WEBHOOK_RETRY_MAX_SECONDS = env_float("ARGUS_WEBHOOK_RETRY_MAX_SECONDS", 3600.0)
+# Webhooks call public addresses only (argus/outbound.py); these networks are allowed besides,
+# e.g. "10.0.0.0/8" for a receiver inside your own network. Empty by default.
+ARGUS_WEBHOOK_ALLOWED_NETWORKS = [
+    ipaddress.ip_network(n, strict=False) for n in env_list("ARGUS_WEBHOOK_ALLOWED_NETWORKS", "")
+]
 
 # /readyz is answered ahead of the tenant middleware (any host, database down included).
 MIDDLEWARE = ["argus.views.probe_middleware", *MIDDLEWARE]

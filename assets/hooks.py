@@ -6,8 +6,11 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from assets.services import assets_mark_heard, linked_devices, telemetry_evaluate
-from assets.tasks import evaluate_latest_values
+from django.db import transaction
+
+from assets.services import telemetry_evaluate
+from assets.tasks import evaluate_latest_values, send_followups
+from assets.values import assets_mark_heard, linked_devices
 from telemetry.messages import LatestValues
 
 
@@ -23,7 +26,9 @@ def queue_evaluation(latest: LatestValues) -> None:
 def evaluate(latest: LatestValues) -> None:
     """After a reassembly (already in a Celery task): evaluate in place. One Celery round trip per
     transaction is what limited reassembly throughput, and the values are already in hand."""
-    telemetry_evaluate(latest=latest)
+    with transaction.atomic():
+        changes, scored = telemetry_evaluate(latest=latest)
+        send_followups(changes, scored)
 
 
 def mark_heard(heard: datetime, device_ids: list[int], resolution: float) -> None:

@@ -228,8 +228,10 @@ class DemoReport:
     history: list[tuple[str, int, int]]  # source device (gateway for children), rows, devices
     transactions: dict[str, int]
     children: list[tuple[str, int, int]]  # gateway, children, of which new this run
-    alerts_raised: list[tuple[str, str, str, float, datetime, str]]  # severity, asset, metric, value, raised, status
-    open_alerts: list[tuple[str, str, str, float, datetime, str]]
+    alerts_raised: list[
+        tuple[str, str, str, float | None, datetime, str]
+    ]  # severity, asset, metric, value, raised, status
+    open_alerts: list[tuple[str, str, str, float | None, datetime, str]]
     assets: list[tuple[str, Decimal | None, datetime | None, str]]
     dead_letters: dict[str, int] | None  # reason -> messages dead-lettered in this run
 
@@ -268,7 +270,7 @@ def _asset_rows() -> list[tuple[str, Decimal | None, datetime | None, str]]:
     ]
 
 
-def _alert_row(alert: Alert) -> tuple[str, str, str, float, datetime, str]:
+def _alert_row(alert: Alert) -> tuple[str, str, str, float | None, datetime, str]:
     return (alert.severity, alert.asset.name, alert.metric, alert.value, alert.raised_at, alert.status)
 
 

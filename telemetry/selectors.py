@@ -1,43 +1,46 @@
-"""Reads of telemetry's tables for the apps above it (assets' alerts and health), so that no
-other app writes SQL against `telemetry_history`."""
+"""Reads of telemetry's tables for the apps above it (assets' alerts and health, the read API),
+so that no other app writes SQL against `telemetry_history`."""
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from datetime import datetime
 
 from django.db import connection
 
-from telemetry.messages import LatestValues
+# device id -> metric -> (device time, value)
+LatestReadings = dict[int, dict[str, tuple[datetime, float]]]
 
 
-def latest_values_of_devices(device_ids: list[int]) -> LatestValues:
-    """The newest value of every metric of each device, from telemetry_history."""
-    latest: LatestValues = {}
-    if not device_ids:
+def latest_readings(device_metrics: Mapping[int, Collection[str]]) -> LatestReadings:
+    """The newest reading (by device time) of each named metric of each device.
+
+    One index probe per (device, metric) pair: the primary key (device_id, metric, time) read
+    backwards in each daily partition, newest first, stopping at the first row. Scanning a
+    device's rows instead (DISTINCT ON) reads every reading it sent in the window.
+    """
+    devices: list[int] = []
+    metrics: list[str] = []
+    for device_id, names in device_metrics.items():
+        for name in names:
+            devices.append(device_id)
+            metrics.append(name)
+    latest: LatestReadings = {}
+    if not devices:
         return latest
     with connection.cursor() as cursor:
-        # Per (device, metric) pair the primary key index finds the newest row directly.
         cursor.execute(
             """
-            SELECT DISTINCT ON (device_id, metric) device_id, metric, value, time
-            FROM telemetry_history WHERE device_id = ANY(%s)
-              AND time > now() - interval '7 days'
-            ORDER BY device_id, metric, time DESC
+            SELECT p.device_id, p.metric, h.time, h.value
+            FROM unnest(%s::bigint[], %s::text[]) AS p(device_id, metric)
+            CROSS JOIN LATERAL (
+                SELECT t.time, t.value FROM telemetry_history t
+                WHERE t.device_id = p.device_id AND t.metric = p.metric
+                ORDER BY t.time DESC LIMIT 1
+            ) h
             """,
-            [device_ids],
+            [devices, metrics],
         )
-        for device_id, metric, value, time in cursor.fetchall():
-            newest, values = latest.get(device_id, (time, {}))
-            values[metric] = value
-            latest[device_id] = (max(newest, time), values)
+        for device_id, metric, time, value in cursor.fetchall():
+            latest.setdefault(device_id, {})[metric] = (time, value)
     return latest
-
-
-def metric_values_since(*, device_ids: list[int], metric: str, since: datetime) -> list[float]:
-    """Every value of one metric of these devices from `since` on."""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT value FROM telemetry_history WHERE device_id = ANY(%s) AND metric = %s AND time >= %s",
-            [device_ids, metric, since],
-        )
-        return [row[0] for row in cursor.fetchall()]

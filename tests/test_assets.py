@@ -12,7 +12,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from django_tenants.utils import schema_context
 
-from assets.health import ALGORITHMS
+from assets.health import ALGORITHMS, HealthInputs, HealthResult, OpenAlert
 from assets.models import Alert, Asset, AssetType, RuleOperator, Severity, ThresholdRule
 from tests.conftest import TenantPersona, make_device, make_device_type, tenant_admin_client, unique_id
 
@@ -22,41 +22,72 @@ DEFINITIONS = {
 }
 
 
-def weighted(values: dict[str, float], **params: Any) -> float | None:
-    return ALGORITHMS["weighted"].score({"weights": {"temperature": 2, "vibration": 1}, **params}, DEFINITIONS, values)
+def weighted(values: dict[str, float], **params: Any) -> HealthResult | None:
+    return ALGORITHMS["weighted"].evaluate(
+        {"weights": {"temperature": 2, "vibration": 1}, **params}, DEFINITIONS, HealthInputs(values=values)
+    )
+
+
+def score_of(result: HealthResult | None) -> float | None:
+    return None if result is None else result.score
 
 
 def test_it_scores_the_weighted_mean_of_metrics_within_their_ranges() -> None:
-    assert weighted({"temperature": 20, "vibration": 2}) == 100.0
-    # 5 above a range 20 wide: 100 * (1 - 5/20) = 75; (2 * 75 + 1 * 100) / 3 = 83.33
-    assert weighted({"temperature": 35, "vibration": 2}) == 83.33
+    assert score_of(weighted({"temperature": 20, "vibration": 2})) == 100.0
+    # Critical by default one range-width beyond normal: 5 above a range 20 wide is 100 * (1 - 5/20)
+    # = 75; (2 * 75 + 1 * 100) / 3 = 83.33
+    assert score_of(weighted({"temperature": 35, "vibration": 2})) == 83.33
     # Half the tolerance: 5 above a width of 10 scores 50; (2 * 50 + 100) / 3 = 66.67
-    assert weighted({"temperature": 35, "vibration": 2}, tolerance=0.5) == 66.67
-    # 30 below a range 20 wide is past zero: (2 * 0 + 100) / 3 = 33.33
-    assert weighted({"temperature": -20, "vibration": 2}) == 33.33
+    assert score_of(weighted({"temperature": 35, "vibration": 2}, tolerance=0.5)) == 66.67
+    # 30 below a range 20 wide is past critical: (2 * 0 + 100) / 3 = 33.33
+    assert score_of(weighted({"temperature": -20, "vibration": 2})) == 33.33
     # Only the metrics reported count: vibration 6 is 1 above a range 5 wide, 100 * (1 - 1/5) = 80
-    assert weighted({"vibration": 6}) == 80.0
+    assert score_of(weighted({"vibration": 6})) == 80.0
     assert weighted({"humidity": 50}) is None
 
 
-def threshold(values: dict[str, float]) -> float | None:
-    params = {
-        "default_score": 95,
-        "rules": [
-            {"metric": "temperature", "operator": "gt", "value": 30, "score": 40},
-            {"metric": "temperature", "operator": "gt", "value": 40, "score": 10},
-            {"metric": "vibration", "operator": "gte", "value": 5, "score": 60},
+def test_it_scores_from_the_normal_to_the_critical_range_and_explains_it() -> None:
+    ranges = {"temperature": {"normal": [18, 26], "critical": [10, 30]}}
+    # temperature 28: 2 of the 4 between normal (26) and critical (30) high: 50; vibration 1: 100.
+    result = weighted({"temperature": 28, "vibration": 1}, ranges=ranges)
+    assert result is not None
+    assert result.score == 66.67  # (2 * 50 + 1 * 100) / 3
+    assert result.explanation == {
+        "metrics": [
+            {
+                "metric": "temperature",
+                "value": 28,
+                "score": 50.0,
+                "weight": 2,
+                "normal": [18, 26],
+                "critical": [10, 30],
+            },
+            {"metric": "vibration", "value": 1, "score": 100.0, "weight": 1, "normal": [0, 5], "critical": [-5, 10]},
         ],
+        "missing": [],
     }
-    return ALGORITHMS["threshold"].score(params, DEFINITIONS, values)
+    # 12: 6 of the 8 between critical low (10) and normal low (18): 25; at or past critical: 0.
+    assert score_of(weighted({"temperature": 12}, ranges=ranges)) == 25.0
+    assert score_of(weighted({"temperature": 10}, ranges=ranges)) == 0.0
+    assert score_of(weighted({"temperature": 31}, ranges=ranges)) == 0.0
+    assert weighted({"temperature": 20}, ranges=ranges).explanation["missing"] == ["vibration"]  # type: ignore[union-attr]
 
 
-def test_it_scores_the_lowest_matching_threshold_rule() -> None:
-    assert threshold({"temperature": 20, "vibration": 1}) == 95.0
-    assert threshold({"temperature": 35, "vibration": 5}) == 40.0
-    assert threshold({"temperature": 45}) == 10.0
-    assert threshold({"vibration": 5}) == 60.0
-    assert threshold({"humidity": 50}) is None
+def penalties(alerts: list[OpenAlert], **params: Any) -> HealthResult | None:
+    return ALGORITHMS["threshold"].evaluate(params, DEFINITIONS, HealthInputs(values={}, open_alerts=alerts))
+
+
+def test_it_takes_a_penalty_per_open_alert_by_severity() -> None:
+    hot = OpenAlert(id=1, rule="hot", metric="temperature", severity="warning")
+    shaking = OpenAlert(id=2, rule="shaking", metric="vibration", severity="critical")
+    note = OpenAlert(id=3, rule="note", metric="vibration", severity="info")
+    assert score_of(penalties([])) == 100.0
+    assert score_of(penalties([hot])) == 80.0  # 100 - 20
+    result = penalties([shaking, hot, note])
+    assert result is not None and result.score == 25.0  # 100 - 50 - 20 - 5
+    assert [(c["alert"], c["penalty"]) for c in result.explanation["alerts"]] == [(1, 20.0), (2, 50.0), (3, 5.0)]
+    assert score_of(penalties([shaking, shaking, hot])) == 0.0  # never below 0
+    assert score_of(penalties([hot], penalties={"warning": 35})) == 65.0
 
 
 def rule(operator: str, threshold: float, high: float | None = None, hysteresis: float = 0.0) -> ThresholdRule:
@@ -182,4 +213,4 @@ def test_it_raises_an_alert_from_stored_values_when_the_follow_up_task_was_lost(
     assert not Alert.objects.filter(asset=asset).exists()
     health_recompute()
     alert = Alert.objects.get(asset=asset)
-    assert (alert.metric, alert.value, alert.status) == ("temperature", 35.0, "active")
+    assert (alert.metric, alert.value, alert.status) == ("temperature", 35.0, "open")
