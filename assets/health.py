@@ -92,7 +92,7 @@ def _weighted(
     total = 0.0
     metrics: list[dict[str, Any]] = []
     missing: list[str] = []
-    for metric, weight in params["weights"].items():
+    for metric, weight in sorted(params["weights"].items()):
         value = inputs.values.get(metric)
         if value is None:
             missing.append(metric)

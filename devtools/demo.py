@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA = "demo"
 ENDPOINT_DEVICE = "TS-001-2024"
+COLD_DEVICE = "TS-002-2024"
 GATEWAY_DEVICE = "LH-001-2024"
 CHUNKED_DEVICE = "BG-001-2024"
 GATEWAY_CHILDREN = 50
@@ -93,6 +94,7 @@ class FeedStats:
 
     endpoint_mqtt: int = 0
     endpoint_http: int = 0
+    cold_mqtt: int = 0
     http_accepted: int = 0
     http_errors: list[str] = field(default_factory=list)
     gateway_messages: int = 0
@@ -114,9 +116,19 @@ def endpoint_values(step: int, rng: random.Random) -> dict[str, float]:
     }
 
 
+def cold_room_values(step: int, rng: random.Random) -> dict[str, float]:
+    """The cold room's sensor: -20 °C or so, and for 12 readings of every 60 the door is open and
+    it warms to about -13 °C. Above -15 for 5 s the critical rule opens an alert; above -18 for
+    10 s the warning does too; both resolve once it is back below the hysteresis (-16 and -19)."""
+    warm = step % 60 in range(3, 15)
+    temperature = rng.uniform(-13.5, -12.5) if warm else -20.0 + rng.uniform(-1.0, 0.8)
+    return {"temperature": round(temperature, 2), "humidity": round(rng.uniform(60.0, 75.0), 1)}
+
+
 class Feeds:
     """Device traffic in threads until `stop` is set: TS-001-2024 readings over MQTT (and every
-    HTTP_EVERY-th over HTTP), LH-001-2024 gateway messages, BG-001-2024 chunked transactions."""
+    HTTP_EVERY-th over HTTP), TS-002-2024 cold-room readings, LH-001-2024 gateway messages,
+    BG-001-2024 chunked transactions."""
 
     def __init__(self, *, mqtt_url: str, http_url: str, api_key: str, stop: threading.Event) -> None:
         self.mqtt_url = mqtt_url
@@ -155,7 +167,7 @@ class Feeds:
             http_url=self.http_url,
             api_keys={ENDPOINT_DEVICE: self.api_key},
         )
-        mqtt = MqttPublisher(config, [ENDPOINT_DEVICE], 0)
+        mqtt = MqttPublisher(config, [ENDPOINT_DEVICE, COLD_DEVICE], 0)
         web = HttpPublisher(config)
         rng = random.Random()  # noqa: S311 - demo data, not secrets
         run = f"demo{int(time.time())}"
@@ -173,6 +185,9 @@ class Feeds:
                 else:
                     mqtt.publish(ENDPOINT_DEVICE, body)
                     self.stats.endpoint_mqtt += 1
+                cold = {"msg_id": f"{run}-c{step}", "ts": last_ts, "values": cold_room_values(step, rng)}
+                mqtt.publish(COLD_DEVICE, orjson.dumps(cold))
+                self.stats.cold_mqtt += 1
                 step += 1
                 deadline = time.monotonic() + ENDPOINT_INTERVAL
                 while not self.stop.is_set() and time.monotonic() < deadline:
@@ -359,6 +374,10 @@ def dead_letter_counts(nats_url: str) -> dict[str, int] | None:
         return None
 
 
+def _shown(value: float | None) -> str:
+    return "no data" if value is None else f"{value:g}"
+
+
 def format_report(report: DemoReport, stats: FeedStats, *, port: str, admin: str) -> str:
     """The final report, as printed."""
     lines = [f"Argus demo: what happened since {report.since:%H:%M:%S} UTC", "", "Sent by the simulated devices:"]
@@ -366,6 +385,7 @@ def format_report(report: DemoReport, stats: FeedStats, *, port: str, admin: str
         f"  {ENDPOINT_DEVICE} (endpoint): {stats.endpoint_mqtt} readings over MQTT, {stats.endpoint_http} over HTTP "
         f"({stats.http_accepted} answered 202)"
     )
+    lines.append(f"  {COLD_DEVICE} (endpoint, Cold Storage Room 1): {stats.cold_mqtt} readings over MQTT")
     lines.append(f"  {GATEWAY_DEVICE} (gateway): {stats.gateway_messages} messages of {GATEWAY_CHILDREN} beacons")
     lines.append(
         f"  {CHUNKED_DEVICE} (gateway_chunked): {stats.chunked_transactions} transactions of "
@@ -388,12 +408,12 @@ def format_report(report: DemoReport, stats: FeedStats, *, port: str, admin: str
     lines += [f"  {gw:<14} {n:>5} children ({new} new in this run)" for gw, n, new in report.children] or ["  none"]
     lines += ["", f"Alerts raised in this run: {len(report.alerts_raised)}"]
     lines += [
-        f"  {raised:%H:%M:%S} {sev:<8} {asset}: {metric} = {value:g} (now {status})"
+        f"  {raised:%H:%M:%S} {sev:<8} {asset}: {metric} = {_shown(value)} (now {status})"
         for sev, asset, metric, value, raised, status in report.alerts_raised
     ]
     lines += ["Open alerts:"]
     lines += [
-        f"  {sev:<8} {asset}: {metric} = {value:g} (since {raised:%H:%M:%S}, {status})"
+        f"  {sev:<8} {asset}: {metric} = {_shown(value)} (since {raised:%H:%M:%S}, {status})"
         for sev, asset, metric, value, raised, status in report.open_alerts
     ] or ["  none"]
     lines += ["", "Asset health scores:"]

@@ -347,10 +347,11 @@ def counts(schema: str) -> dict[str, int]:
 def test_it_seeds_the_demo_tenant_once() -> None:
     first = seed_iot(admin_password="first-password")
     assert first.schema_name == "demo"
-    assert counts("demo") == {"device_types": 3, "devices": 3, "asset_types": 2, "assets": 2, "rules": 3}
+    assert counts("demo") == {"device_types": 3, "devices": 4, "asset_types": 2, "assets": 2, "rules": 5}
     with schema_context("demo"):
         assert set(Device.objects.values_list("logical_identifier", flat=True)) == {
             "TS-001-2024",
+            "TS-002-2024",
             "LH-001-2024",
             "BG-001-2024",
         }
@@ -370,7 +371,7 @@ def test_it_seeds_the_demo_tenant_once() -> None:
     second = seed_iot(admin_password="second-password")
     assert second.created == []
     assert second.admin_password is None
-    assert counts("demo") == {"device_types": 3, "devices": 3, "asset_types": 2, "assets": 2, "rules": 3}
+    assert counts("demo") == {"device_types": 3, "devices": 4, "asset_types": 2, "assets": 2, "rules": 5}
 
 
 def test_it_prints_where_to_log_in(capsys: pytest.CaptureFixture[str]) -> None:
