@@ -214,3 +214,15 @@ def test_it_raises_an_alert_from_stored_values_when_the_follow_up_task_was_lost(
     health_recompute()
     alert = Alert.objects.get(asset=asset)
     assert (alert.metric, alert.value, alert.status) == ("temperature", 35.0, "open")
+
+
+def test_it_scores_the_worked_example_of_the_docs() -> None:
+    # docs/alerts-and-health.md, "weighted": the seed's HVAC System at 28 °C and 20 kW.
+    definitions = {"temperature": {"min": 18, "max": 26}, "power": {"min": 0, "max": 15}}
+    params = {"weights": {"temperature": 0.6, "power": 0.4}, "tolerance": 1.0}
+    result = ALGORITHMS["weighted"].evaluate(params, definitions, HealthInputs({"temperature": 28, "power": 20}))
+    assert result is not None and result.score == 71.67
+    assert [(m["metric"], m["score"], m["critical"]) for m in result.explanation["metrics"]] == [
+        ("power", 66.67, [-15, 30]),
+        ("temperature", 75.0, [10, 34]),
+    ]

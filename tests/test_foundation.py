@@ -211,9 +211,18 @@ def test_it_saves_an_asset_type_with_valid_metrics_and_health_parameters(alpha: 
             "Not in the metric definitions: pressure",
         ),
         (
-            {"health_algorithm": "threshold", "health_parameters": json.dumps({"rules": [{"metric": "temperature"}]})},
+            {"health_algorithm": "threshold", "health_parameters": json.dumps({"penalties": {"critical": 150}})},
             "health_parameters",
-            "is a required property",
+            "150 is greater than the maximum of 100",
+        ),
+        (
+            {
+                "health_parameters": json.dumps(
+                    {"weights": {"temperature": 1}, "ranges": {"temperature": {"normal": [10, 20], "critical": [15, 30]}}}
+                )
+            },
+            "health_parameters",
+            "temperature: the critical range must contain the normal range.",
         ),
         (
             {"transformation_engine": "linear", "transformation_config": json.dumps({"pressure": {"scale": 0.1}})},
