@@ -12,7 +12,7 @@ from telemetry.selectors import LatestReadings
 def telemetry_evaluate(*, latest: LatestValues) -> tuple[AlertChanges, set[int]]:
     """After a committed batch: the rules of every asset these devices feed, advanced by the
     batch's newest (transformed) values. Returns the changes and the assets that got values
-    (their health is due)."""
+    and have a health algorithm (their score is due)."""
     return readings_evaluate(readings=readings_of_batch(latest))
 
 
@@ -23,7 +23,8 @@ def readings_evaluate(*, readings: LatestReadings) -> tuple[AlertChanges, set[in
     links = links_of(device_ids=linked)
     per_asset = asset_readings(links, readings)
     assets = {link.asset_id: link.asset for link in links}
-    return alerts_evaluate(assets=assets, readings=per_asset), set(per_asset)
+    scored = {a for a in per_asset if assets[a].asset_type.health_algorithm != "none"}
+    return alerts_evaluate(assets=assets, readings=per_asset), scored
 
 
 def health_recompute(*, asset_ids: list[int] | None = None) -> tuple[AlertChanges, set[int]]:
