@@ -218,7 +218,10 @@ def test_it_saves_an_asset_type_with_valid_metrics_and_health_parameters(alpha: 
         (
             {
                 "health_parameters": json.dumps(
-                    {"weights": {"temperature": 1}, "ranges": {"temperature": {"normal": [10, 20], "critical": [15, 30]}}}
+                    {
+                        "weights": {"temperature": 1},
+                        "ranges": {"temperature": {"normal": [10, 20], "critical": [15, 30]}},
+                    }
                 )
             },
             "health_parameters",
