@@ -4,7 +4,8 @@ so that no other app writes SQL against `telemetry_history`."""
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 from django.db import connection
 
@@ -44,3 +45,83 @@ def latest_readings(device_metrics: Mapping[int, Collection[str]]) -> LatestRead
         for device_id, metric, time, value in cursor.fetchall():
             latest.setdefault(device_id, {})[metric] = (time, value)
     return latest
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    """Aggregates of one metric's readings in [time, time + bucket)."""
+
+    time: datetime
+    avg: float
+    min: float
+    max: float
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    """One stored reading."""
+
+    time: datetime
+    value: float
+
+
+# date_bin's origin: buckets of a day or less start on whole minutes, hours and days (UTC).
+_BUCKET_ORIGIN = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+def history_buckets(*, device_id: int, metric: str, start: datetime, end: datetime, bucket: timedelta) -> list[Bucket]:
+    """A metric's readings in [start, end) aggregated per bucket (device time), oldest first; empty
+    buckets are left out.
+
+    Reads one range of the primary key (device_id, metric, time) in the partitions the range
+    touches; the aggregation runs in PostgreSQL, so only the buckets cross the wire.
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            SELECT date_bin(%s::interval, time, %s) AS bucket, avg(value), min(value), max(value), count(*)
+            FROM telemetry_history
+            WHERE device_id = %s AND metric = %s AND time >= %s AND time < %s
+            GROUP BY bucket ORDER BY bucket
+            """,
+            [bucket, _BUCKET_ORIGIN, device_id, metric, start, end],
+        )
+        return [Bucket(time, avg, low, high, count) for time, avg, low, high, count in cursor.fetchall()]
+
+
+def history_points(
+    *, device_id: int, metric: str, start: datetime, end: datetime, after: datetime | None = None, limit: int
+) -> list[Point]:
+    """Up to `limit` raw readings in [start, end), oldest first, from just after `after` (a cursor:
+    the time of the last point of the previous page; the key makes times unique per metric)."""
+    since_sql, params = ("time > %s", [after]) if after is not None else ("time >= %s", [start])
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+            SELECT time, value FROM telemetry_history
+            WHERE device_id = %s AND metric = %s AND {since_sql} AND time >= %s AND time < %s
+            ORDER BY time LIMIT %s
+            """,  # noqa: S608 - since_sql is one of two constants
+            [device_id, metric, *params, start, end, limit],
+        )
+        return [Point(time, value) for time, value in cursor.fetchall()]
+
+
+def metrics_of_device(device_id: int) -> list[str]:
+    """Every metric name a device has stored readings of, found by skipping through the primary
+    key (one index probe per name) rather than reading its rows."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            WITH RECURSIVE names(metric) AS (
+                SELECT min(metric) FROM telemetry_history WHERE device_id = %s
+                UNION ALL
+                SELECT (SELECT min(metric) FROM telemetry_history WHERE device_id = %s AND metric > names.metric)
+                FROM names WHERE names.metric IS NOT NULL
+            )
+            SELECT metric FROM names WHERE metric IS NOT NULL
+            """,
+            [device_id, device_id],
+        )
+        return [name for (name,) in cursor.fetchall()]
