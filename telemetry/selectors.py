@@ -95,6 +95,7 @@ def history_points(
 ) -> list[Point]:
     """Up to `limit` raw readings in [start, end), oldest first, from just after `after` (a cursor:
     the time of the last point of the previous page; the key makes times unique per metric)."""
+    # One of two constant conditions: the cursor, or the start of the range.
     since_sql, params = ("time > %s", [after]) if after is not None else ("time >= %s", [start])
     with connection.cursor() as cursor:
         cursor.execute(
@@ -102,7 +103,7 @@ def history_points(
             SELECT time, value FROM telemetry_history
             WHERE device_id = %s AND metric = %s AND {since_sql} AND time >= %s AND time < %s
             ORDER BY time LIMIT %s
-            """,  # noqa: S608 - since_sql is one of two constants
+            """,
             [device_id, metric, *params, start, end, limit],
         )
         return [Point(time, value) for time, value in cursor.fetchall()]
