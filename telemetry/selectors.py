@@ -85,7 +85,7 @@ def history_buckets(*, device_id: int, metric: str, start: datetime, end: dateti
             WHERE device_id = %s AND metric = %s AND time >= %s AND time < %s
             GROUP BY bucket ORDER BY bucket
             """,
-            [bucket, _BUCKET_ORIGIN, device_id, metric, start, end],
+            [f"{bucket.total_seconds()} seconds", _BUCKET_ORIGIN, device_id, metric, start, end],
         )
         return [Bucket(time, avg, low, high, count) for time, avg, low, high, count in cursor.fetchall()]
 
