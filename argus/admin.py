@@ -8,6 +8,8 @@ from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 from django_tenants.utils import get_public_schema_name
+from rest_framework.authtoken.admin import TokenAdmin
+from rest_framework.authtoken.models import TokenProxy
 from rest_framework_api_key import admin as _api_key_admin  # noqa: F401 - registers APIKey, removed below
 from rest_framework_api_key.models import APIKey
 
@@ -107,6 +109,16 @@ class DeviceRegistrationAdmin(PublicOnlyAdmin):
 # Device keys are argus.DeviceAPIKey; the library's generic key model is unused and stays hidden.
 if admin.site.is_registered(APIKey):
     admin.site.unregister(APIKey)
+
+
+# The read API's user tokens live in each tenant's schema: shown on tenant sites only.
+if admin.site.is_registered(TokenProxy):
+    admin.site.unregister(TokenProxy)
+
+
+@admin.register(TokenProxy)
+class UserTokenAdmin(TenantOnlyAdmin, TokenAdmin):
+    """Tokens of the read API (`Authorization: Token <key>`), one per user of the tenant."""
 
 
 @admin.register(DeviceAPIKey)

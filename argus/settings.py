@@ -142,6 +142,7 @@ SHARED_APPS = [
     "django.contrib.admin",
     "django.contrib.staticfiles",
     "rest_framework",
+    "django_filters",
     "drf_spectacular",
     # The hashed-key base of argus.DeviceAPIKey (public schema).
     "rest_framework_api_key",
@@ -159,6 +160,8 @@ TENANT_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.admin",
+    # The read API's user tokens, kept beside the users (`tenant_command drf_create_token`).
+    "rest_framework.authtoken",
     "devices",
     "assets",
     "telemetry",
@@ -254,6 +257,9 @@ SPECTACULAR_SETTINGS = {
     # 3.1: full JSON Schema, so the telemetry body's schema can say what the endpoint refuses
     # (metric names are constrained through propertyNames, which 3.0 lacks).
     "OAS_VERSION": "3.1.0",
+    "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "argus.api.problem_responses"],
+    # Enum components named by their field where two models' fields share a name.
+    "ENUM_NAME_OVERRIDES": {},
 }
 
 # --- Pipeline -------------------------------------------------------------------------------
@@ -363,6 +369,21 @@ ARGUS_JWT_LEEWAY_SECONDS = env_int("ARGUS_JWT_LEEWAY_SECONDS", 30)
 # itself (with problem+json) for anything larger; admin forms keep Django's default headroom.
 DATA_UPLOAD_MAX_MEMORY_SIZE = max(ARGUS_MAX_PAYLOAD_BYTES + 64 * 1024, 2_621_440)
 # --- end HTTP ingestion API ------------------------------------------------------------------
+
+# --- Read API (docs/api.md): users of a tenant, on the tenant's host ---------------------------
+# Lists are cursor-paginated: `limit` up to ARGUS_API_MAX_PAGE_SIZE, ARGUS_API_PAGE_SIZE if absent.
+ARGUS_API_PAGE_SIZE = env_int("ARGUS_API_PAGE_SIZE", 50)
+ARGUS_API_MAX_PAGE_SIZE = env_int("ARGUS_API_MAX_PAGE_SIZE", 500)
+# One history request covers at most this many buckets (10,080: a week of minutes, 35 days of
+# 5-minute buckets, 14 months of hours, 27 years of days) ...
+ARGUS_API_HISTORY_MAX_BUCKETS = env_int("ARGUS_API_HISTORY_MAX_BUCKETS", 10_080)
+# ... and, for raw points, at most this long a range, read in pages of up to ARGUS_API_MAX_POINTS.
+ARGUS_API_HISTORY_RAW_MAX_SECONDS = env_int("ARGUS_API_HISTORY_RAW_MAX_SECONDS", 7 * 24 * 3600)
+ARGUS_API_MAX_POINTS = env_int("ARGUS_API_MAX_POINTS", 5000)
+# An asset's health history: at most this long a range per request (pages of ARGUS_API_MAX_POINTS).
+ARGUS_API_HEALTH_MAX_SECONDS = env_int("ARGUS_API_HEALTH_MAX_SECONDS", 92 * 24 * 3600)
+# The largest JSON document (metadata) a client may store on a device or an asset, in bytes.
+ARGUS_API_MAX_METADATA_BYTES = env_int("ARGUS_API_MAX_METADATA_BYTES", 16 * 1024)
 
 # Chunked transactions: the sweeper expires a transaction this long after its TTL (so chunks
 # received in time but still in the pipeline land first), and enqueues reassembly again for

@@ -14,3 +14,5 @@ urlpatterns: list[URLPattern | URLResolver] = [
 ]
 # With DEBUG on, the admin's CSS and JS are served by any web process (gunicorn too); off: nothing.
 urlpatterns += staticfiles_urlpatterns()
+
+handler404 = "argus.views.not_found"

@@ -7,9 +7,12 @@ from collections.abc import Callable
 from django.conf import settings
 from django.db import connection
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.views.defaults import page_not_found
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from rest_framework import exceptions
 
 from argus.health import run_checks
+from argus.problems import problem_response
 
 
 def healthz(request: HttpRequest) -> JsonResponse:
@@ -61,3 +64,11 @@ def metrics_allowed(request: HttpRequest) -> bool:
         return ipaddress.ip_address(request.META.get("REMOTE_ADDR", "")).is_loopback
     except ValueError:
         return False
+
+
+def not_found(request: HttpRequest, exception: Exception) -> HttpResponse:
+    """handler404: a path under /api/ that names no route gets a problem document like every
+    other API error (an id of the wrong shape, say); elsewhere, Django's page."""
+    if request.path.startswith("/api/"):
+        return problem_response(exceptions.NotFound())
+    return page_not_found(request, exception)

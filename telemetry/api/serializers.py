@@ -1,10 +1,16 @@
-"""Wire shapes of the ingestion API, for the OpenAPI schema."""
+"""Wire shapes of the ingestion API (for the OpenAPI schema) and of the read API's readings: a
+device's latest values and its history."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
+from django.conf import settings
+from django.utils import timezone
 from rest_framework import serializers
+
+from argus.api import time_of_cursor
 
 
 class AcceptedSerializer(serializers.Serializer[dict[str, Any]]):
@@ -102,3 +108,78 @@ TELEMETRY_REQUEST_SCHEMA: dict[str, Any] = {
         {"title": "Chunk of a gateway message", **_CHUNK},
     ],
 }
+
+
+# --- The read API: readings ------------------------------------------------------------------
+
+BUCKETS = {"1m": 60, "5m": 300, "1h": 3600, "1d": 86400}
+
+
+class ReadingSerializer(serializers.Serializer[Any]):
+    value = serializers.FloatField()
+    time = serializers.DateTimeField(help_text="Device time of the reading.")
+
+
+class LatestSerializer(serializers.Serializer[Any]):
+    device = serializers.CharField(help_text="The device's logical id.")
+    metrics = serializers.DictField(child=ReadingSerializer(), help_text="Metric -> its newest reading.")
+
+
+class HistoryQuerySerializer(serializers.Serializer[Any]):
+    """The query of a history request: one metric, a bounded range, buckets or raw points."""
+
+    metric = serializers.CharField(max_length=64)
+    start = serializers.DateTimeField(required=False, help_text="Inclusive; default: 24 h before `end`.")
+    end = serializers.DateTimeField(required=False, help_text="Exclusive; default: now.")
+    bucket = serializers.ChoiceField(
+        choices=list(BUCKETS), required=False, help_text="Aggregate per bucket; absent: raw points, paginated."
+    )
+    limit = serializers.IntegerField(required=False, min_value=1, help_text="Raw points per page.")
+    cursor = serializers.CharField(required=False, max_length=64, help_text="From `next` of the previous page.")
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        end = attrs.get("end") or timezone.now()
+        start = attrs.get("start") or end - timedelta(days=1)
+        if start >= end:
+            raise serializers.ValidationError({"start": "Must be before end."})
+        span = (end - start).total_seconds()
+        bucket = attrs.get("bucket")
+        if bucket is not None:
+            most = BUCKETS[bucket] * settings.ARGUS_API_HISTORY_MAX_BUCKETS
+            if span > most:
+                raise serializers.ValidationError(
+                    {"start": f"At most {settings.ARGUS_API_HISTORY_MAX_BUCKETS} buckets ({most} s at {bucket})."}
+                )
+        elif span > settings.ARGUS_API_HISTORY_RAW_MAX_SECONDS:
+            raise serializers.ValidationError(
+                {"start": f"Raw points: at most {settings.ARGUS_API_HISTORY_RAW_MAX_SECONDS} s; ask for buckets."}
+            )
+        limit = attrs.get("limit") or settings.ARGUS_API_MAX_POINTS
+        after = time_of_cursor(attrs["cursor"]) if "cursor" in attrs else None
+        return {**attrs, "start": start, "end": end, "limit": min(limit, settings.ARGUS_API_MAX_POINTS), "after": after}
+
+
+class BucketSerializer(serializers.Serializer[Any]):
+    time = serializers.DateTimeField(help_text="Start of the bucket (UTC).")
+    avg = serializers.FloatField()
+    min = serializers.FloatField()
+    max = serializers.FloatField()
+    count = serializers.IntegerField()
+
+
+class BucketsSerializer(serializers.Serializer[Any]):
+    device = serializers.CharField()
+    metric = serializers.CharField()
+    start = serializers.DateTimeField()
+    end = serializers.DateTimeField()
+    bucket = serializers.CharField()
+    buckets = BucketSerializer(many=True, help_text="Oldest first; buckets without readings are left out.")
+
+
+class PointsSerializer(serializers.Serializer[Any]):
+    device = serializers.CharField()
+    metric = serializers.CharField()
+    start = serializers.DateTimeField()
+    end = serializers.DateTimeField()
+    points = ReadingSerializer(many=True, help_text="Oldest first.")
+    next = serializers.URLField(allow_null=True, help_text="The next page, or null after the last.")

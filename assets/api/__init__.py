@@ -1,0 +1,1 @@
+"""The read API of assets and alerts (docs/api.md)."""

@@ -1,0 +1,23 @@
+"""Filters of the device list."""
+
+from __future__ import annotations
+
+import django_filters
+
+from devices.models import Device, DeviceRole, DeviceStatus
+
+
+class DeviceFilterSet(django_filters.FilterSet):
+    type = django_filters.CharFilter(field_name="device_type__name", help_text="Device type name.")
+    gateway = django_filters.CharFilter(
+        field_name="parent_device__logical_identifier", help_text="Children of the gateway with this logical id."
+    )
+    role = django_filters.ChoiceFilter(field_name="device_role", choices=DeviceRole.choices)
+    status = django_filters.ChoiceFilter(choices=DeviceStatus.choices)
+    last_seen_after = django_filters.IsoDateTimeFilter(field_name="last_seen", lookup_expr="gte")
+    last_seen_before = django_filters.IsoDateTimeFilter(field_name="last_seen", lookup_expr="lt")
+    never_seen = django_filters.BooleanFilter(field_name="last_seen", lookup_expr="isnull")
+
+    class Meta:
+        model = Device
+        fields: list[str] = []
