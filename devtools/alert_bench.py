@@ -27,7 +27,9 @@ last line is one JSON object; the exit code is 1 when the target is missed or an
 Environment: BENCH_RATE (5000), BENCH_SECONDS (60), BENCH_DEVICES (1000), BENCH_SIM_PROCESSES
 (2 here: the load generator runs in processes of its own, so this one only paces the probes and
 polls), BENCH_ALERT_DEVICES (5), BENCH_ALERT_INTERVAL (2.0), BENCH_WORKER_CONCURRENCY (2),
-BENCH_BEAT (1; 0 runs no beat), BENCH_CELERY_BROKER_URL.
+BENCH_BEAT (1; 0 runs no beat), BENCH_CELERY_BROKER_URL, BENCH_LINKED_DEVICES (0: how many of the
+background devices feed an asset each, whose evaluation and rescoring then share the worker with
+the probes').
 """
 
 from __future__ import annotations
@@ -79,6 +81,8 @@ from devtools.supervisor import BEAT_READY, WORKER_READY, celery, log_says  # no
 
 ASSET_TYPE = "Bench Alert Probe"
 RULE_NAME = "Bench probe too warm"
+LOAD_ASSET_TYPE = "Bench Alert Load"
+LOAD_RULE_NAME = "Bench load never fires"
 PROBE_PREFIX = "BENCH-A-"
 METRIC = "temperature"
 THRESHOLD, HYSTERESIS = 50.0, 5.0
@@ -170,6 +174,47 @@ def ensure_probes(count: int) -> Probes:
             AssetDevice.objects.get_or_create(asset=asset, device_id=devices[logical_id])
             assets[logical_id] = asset.pk
     return Probes(ids, devices, assets, rule.pk)
+
+
+def ensure_linked_load(devices: list[str], count: int) -> int:
+    """Link exactly the first `count` background devices to an asset each (type LOAD_ASSET_TYPE:
+    health `weighted` on temperature, a rule that never fires), so that every batch also queues
+    their evaluation and their assets' rescoring; 0 unlinks them all. Returns how many are linked."""
+    wanted = devices[:count]
+    with schema_context(SCHEMA), transaction.atomic():
+        asset_type, _ = AssetType.objects.get_or_create(
+            name=LOAD_ASSET_TYPE,
+            defaults={
+                "description": "Created by devtools.alert_bench (BENCH_LINKED_DEVICES)",
+                "metric_definitions": [{"key": METRIC, "label": "Temperature", "min": 18, "max": 26}],
+                "health_algorithm": "weighted",
+                "health_parameters": {"weights": {METRIC: 1.0}},
+            },
+        )
+        ThresholdRule.objects.get_or_create(
+            name=LOAD_RULE_NAME,
+            asset_type=asset_type,
+            defaults={"metric": METRIC, "operator": RuleOperator.GT, "threshold": 100.0, "hysteresis": 1.0},
+        )
+        AssetDevice.objects.filter(asset__asset_type=asset_type).exclude(device__logical_identifier__in=wanted).delete()
+        linked = set(
+            AssetDevice.objects.filter(asset__asset_type=asset_type).values_list(
+                "device__logical_identifier", flat=True
+            )
+        )
+        missing = [d for d in wanted if d not in linked]
+        if missing:
+            ids = dict(Device.objects.filter(logical_identifier__in=missing).values_list("logical_identifier", "pk"))
+            Asset.objects.bulk_create(
+                [Asset(asset_type=asset_type, name=f"alert load asset {d}") for d in missing], ignore_conflicts=True
+            )
+            assets = dict(
+                Asset.objects.filter(name__in=[f"alert load asset {d}" for d in missing]).values_list("name", "pk")
+            )
+            AssetDevice.objects.bulk_create(
+                [AssetDevice(asset_id=assets[f"alert load asset {d}"], device_id=ids[d]) for d in missing]
+            )
+    return len(wanted)
 
 
 def alert_queues() -> list[str]:
@@ -288,6 +333,7 @@ class AlertBench(Bench):
         self.interval = float(os.environ.get("BENCH_ALERT_INTERVAL", "2") or 2)
         self.concurrency = int(os.environ.get("BENCH_WORKER_CONCURRENCY", "2") or 2)
         self.beat = os.environ.get("BENCH_BEAT", "1") not in ("0", "false", "no", "off")
+        self.linked = int(os.environ.get("BENCH_LINKED_DEVICES", "0") or 0)
 
     def start_celery(self, log_dir: Path) -> None:
         assert self.pipeline is not None
@@ -347,6 +393,8 @@ class AlertBench(Bench):
         migrate_database(self.log)
         devices = ensure_bench_devices(self.bench, self.log)
         probes = ensure_probes(self.probe_count)
+        if ensure_linked_load(devices, self.linked):
+            self.log(f"{self.linked} background devices feed an asset each (weighted health, a rule that never fires)")
         log_dir = Path(settings.BASE_DIR) / ".run" / "alert-bench" / self.run_id
         env = self.start_servers(log_dir)
         env.update(CELERY_BEAT_SCHEDULE_FILENAME=str(log_dir / "celerybeat-schedule"))
@@ -508,6 +556,7 @@ class AlertBench(Bench):
             "alert_interval_s": self.interval,
             "worker_concurrency": self.concurrency,
             "beat": self.beat,
+            "linked_background_devices": self.linked,
             "watcher_polls": watcher.polls,
         }
 
