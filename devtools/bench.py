@@ -317,6 +317,14 @@ def stop_pipeline(pipeline: Supervisor) -> dict[str, int | None]:
     return pipeline.stop([["runbridge"]], STOP_TIMEOUT)
 
 
+def child_pids(pid: int) -> list[int]:
+    """The children of a process (a Celery worker's pool processes)."""
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
 def pipeline_pids(pipeline: Supervisor) -> dict[str, list[int]]:
     """Process ids of the bridge and the consumers, for CPU and memory sampling."""
     return {
@@ -551,6 +559,42 @@ class Bench:
         migrate_database(self.log)
         devices = ensure_bench_devices(self.bench, self.log)
         log_dir = Path(settings.BASE_DIR) / ".run" / "bench" / self.run_id
+        env = self.start_servers(log_dir)
+        base_id = max_raw_id()
+        self.pipeline = start_pipeline(env, self.bench.ingesters, log_dir)
+        self.warm_up(devices, base_id)
+
+        broker = self.servers[0]
+        sampler = ProcSampler({**pipeline_pids(self.pipeline), "mosquitto": [broker.pid]})
+        self.broker_stats = BrokerStats(broker.url, f"argus-bench-stats-{self.run_id}")
+        time.sleep(0.5)  # the retained $SYS values arrive on subscribing
+        dropped_before = self._dropped_before = self.broker_stats.values.get(BrokerStats.DROPPED, 0.0)
+        prefix = f"{self.run_id}-L"
+        rate = "flat out" if not self.bench.rate else f"{self.bench.rate:g} msgs/s"
+        self.log(
+            f"offering {rate} for {self.bench.seconds:g} s from {len(devices)} {self.bench.mode} devices "
+            f"({self.bench.sim_processes} simulator process(es), QoS 1)"
+        )
+        sampler.mark_start()
+        result = run_simulation(self.load_config(devices, prefix))
+        self.log(result.summary_line())
+        stored = self.drain(base_id, prefix, result.sent)
+        sampler.mark_end()
+        self.broker_dropped = self.broker_stats.dropped_since(dropped_before, time.monotonic())
+        self.log(f"stored {stored} of {result.sent} messages; stopping the pipeline")
+        self.exit_codes = stop_pipeline(self.pipeline)
+        redis.Redis.from_url(self.celery_url).flushdb()
+        return self.analyse(base_id, prefix, result, sampler)
+
+    def load_config(self, devices: list[str], prefix: str) -> SimulatorConfig:
+        """The measured load: BENCH_RATE for BENCH_SECONDS from these devices."""
+        return self.sim_config(
+            devices, prefix, rate=self.bench.rate, seconds=self.bench.seconds, processes=self.bench.sim_processes
+        )
+
+    def start_servers(self, log_dir: Path) -> dict[str, str]:
+        """Start the private Mosquitto (self.servers[0]) and, unless BENCH_PRIVATE_NATS=0, a private
+        nats-server; return the environment the pipeline's processes run with."""
         log_dir.mkdir(parents=True, exist_ok=True)
         broker = start_mosquitto(workdir=log_dir / "mosquitto")
         self.servers.append(broker)
@@ -576,34 +620,7 @@ class Bench:
         self.log(
             f"run {self.run_id}: broker {broker.url}, NATS {env.get('NATS_URL', settings.NATS_URL)}, logs {log_dir}"
         )
-        base_id = max_raw_id()
-        self.pipeline = start_pipeline(env, self.bench.ingesters, log_dir)
-        self.warm_up(devices, base_id)
-
-        sampler = ProcSampler({**pipeline_pids(self.pipeline), "mosquitto": [broker.pid]})
-        self.broker_stats = BrokerStats(broker.url, f"argus-bench-stats-{self.run_id}")
-        time.sleep(0.5)  # the retained $SYS values arrive on subscribing
-        dropped_before = self._dropped_before = self.broker_stats.values.get(BrokerStats.DROPPED, 0.0)
-        prefix = f"{self.run_id}-L"
-        rate = "flat out" if not self.bench.rate else f"{self.bench.rate:g} msgs/s"
-        self.log(
-            f"offering {rate} for {self.bench.seconds:g} s from {len(devices)} {self.bench.mode} devices "
-            f"({self.bench.sim_processes} simulator process(es), QoS 1)"
-        )
-        sampler.mark_start()
-        result = run_simulation(
-            self.sim_config(
-                devices, prefix, rate=self.bench.rate, seconds=self.bench.seconds, processes=self.bench.sim_processes
-            )
-        )
-        self.log(result.summary_line())
-        stored = self.drain(base_id, prefix, result.sent)
-        sampler.mark_end()
-        self.broker_dropped = self.broker_stats.dropped_since(dropped_before, time.monotonic())
-        self.log(f"stored {stored} of {result.sent} messages; stopping the pipeline")
-        self.exit_codes = stop_pipeline(self.pipeline)
-        redis.Redis.from_url(self.celery_url).flushdb()
-        return self.analyse(base_id, prefix, result, sampler)
+        return env
 
     def warm_up(self, devices: list[str], base_id: int) -> None:
         """Wait until a probe message is stored (bridge subscribed, consumer running), then send one

@@ -52,6 +52,7 @@ from devtools.bench import (  # noqa: E402
     SCHEMA,
     BenchSettings,
     ProcSampler,
+    child_pids,
     ensure_bench_devices,
     ensure_tenant,
     max_raw_id,
@@ -171,14 +172,6 @@ def vacuum_churned_tables() -> None:
     with schema_context(SCHEMA), connection.cursor() as cursor:
         for table in CHURNED_TABLES:
             cursor.execute(f"VACUUM (ANALYZE) {table}")
-
-
-def child_pids(pid: int) -> list[int]:
-    """The children of a process (a Celery worker's pool processes)."""
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
 
 
 def postgres_cpu_seconds() -> float:
