@@ -38,9 +38,26 @@ HEALTH_EXAMPLE = OpenApiExample(
                 "score": 80.0,
                 "algorithm": "threshold",
                 "version": 2,
-                "explanation": {"penalties": [{"alert": 7, "severity": "warning", "points": 20}]},
+                "explanation": {
+                    "alerts": [
+                        {
+                            "alert": 7,
+                            "rule": "Cold storage warming",
+                            "metric": "temperature",
+                            "severity": "warning",
+                            "penalty": 20,
+                        }
+                    ],
+                    "penalties": {"info": 5, "warning": 20, "critical": 50},
+                },
             },
-            {"time": "2026-12-03T08:20:00Z", "score": 100.0, "algorithm": "threshold", "version": 2, "explanation": {}},
+            {
+                "time": "2026-12-03T08:20:00Z",
+                "score": 100.0,
+                "algorithm": "threshold",
+                "version": 2,
+                "explanation": {"alerts": [], "penalties": {"info": 5, "warning": 20, "critical": 50}},
+            },
         ],
         "next": None,
     },
