@@ -1,0 +1,91 @@
+"""telemetry.selectors.latest_readings against the real partitioned table: the probe bounded by
+the device's last_seen must give what an unbounded probe gives, whatever last_seen says."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from django.db import connection
+
+from argus.sql import text_array
+from devices.models import Device
+from telemetry.selectors import LATEST_WINDOW, LatestReadings, latest_readings
+from tests.conftest import TenantPersona, make_device, make_device_type
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+
+
+def insert(device_id: int, metric: str, *readings: tuple[datetime, float]) -> None:
+    with connection.cursor() as cursor:
+        cursor.executemany(
+            "INSERT INTO telemetry_history (time, device_id, metric, value, raw_id) VALUES (%s, %s, %s, %s, 0)",
+            [(time, device_id, metric, value) for time, value in readings],
+        )
+
+
+def unbounded(device_metrics: dict[int, set[str]]) -> LatestReadings:
+    """The newest reading of each pair, the plain way (one query per pair)."""
+    latest: LatestReadings = {}
+    with connection.cursor() as cursor:
+        for device_id, names in device_metrics.items():
+            for name in names:
+                cursor.execute(
+                    "SELECT time, value FROM telemetry_history WHERE device_id = %s AND metric = %s "
+                    "ORDER BY time DESC LIMIT 1",
+                    [device_id, name],
+                )
+                row = cursor.fetchone()
+                if row:
+                    latest.setdefault(device_id, {})[name] = (row[0], row[1])
+    return latest
+
+
+def test_latest_readings_is_the_newest_by_device_time_whatever_last_seen_says(in_alpha: TenantPersona) -> None:
+    device_type = make_device_type()
+    current, never_seen, clock_behind, seen_later = (make_device(device_type) for _ in range(4))
+    Device.objects.filter(pk__in=[current.pk, clock_behind.pk]).update(last_seen=NOW)
+    Device.objects.filter(pk=seen_later.pk).update(last_seen=NOW + timedelta(days=3))
+
+    # In the window: the newest of three, one of them in yesterday's partition.
+    insert(current.pk, "temperature", (NOW - timedelta(minutes=10), 21.5), (NOW - timedelta(days=1), 19.0))
+    # A metric no longer sent: only old readings (the DEFAULT partition, before every daily one).
+    insert(current.pk, "humidity", (NOW - timedelta(days=40), 55.0), (NOW - timedelta(days=41), 54.0))
+    # A clock far ahead: the newest by device time lands in the DEFAULT partition, after the daily ones.
+    insert(current.pk, "battery", (NOW - timedelta(minutes=1), 90.0), (NOW + timedelta(days=60), 89.0))
+    insert(never_seen.pk, "temperature", (NOW - timedelta(hours=3), 18.0), (NOW - timedelta(hours=4), 17.0))
+    insert(clock_behind.pk, "temperature", (NOW - LATEST_WINDOW - timedelta(hours=5), 16.0))
+    insert(seen_later.pk, "temperature", (NOW, 15.0), (NOW - timedelta(minutes=1), 14.0))
+    # Names that an array literal must quote.
+    odd = ["a,b", 'say "hi"', "back\\slash", "NULL", "{x}"]
+    for i, name in enumerate(odd):
+        insert(current.pk, name, (NOW - timedelta(minutes=i), float(i)))
+
+    asked = {
+        current.pk: {"temperature", "humidity", "battery", "pressure", *odd},  # pressure: no readings
+        never_seen.pk: {"temperature"},
+        clock_behind.pk: {"temperature"},
+        seen_later.pk: {"temperature", "humidity"},
+        -1: {"temperature"},  # no such device
+    }
+    latest = latest_readings(asked)
+
+    assert latest == unbounded(asked)
+    assert latest[current.pk]["temperature"] == (NOW - timedelta(minutes=10), 21.5)
+    assert latest[current.pk]["humidity"] == (NOW - timedelta(days=40), 55.0)
+    assert latest[current.pk]["battery"] == (NOW + timedelta(days=60), 89.0)
+    assert "pressure" not in latest[current.pk]
+    assert {name: latest[current.pk][name][1] for name in odd} == {name: float(i) for i, name in enumerate(odd)}
+    assert latest[never_seen.pk] == {"temperature": (NOW - timedelta(hours=3), 18.0)}
+    assert latest[clock_behind.pk] == {"temperature": (NOW - LATEST_WINDOW - timedelta(hours=5), 16.0)}
+    assert latest[seen_later.pk] == {"temperature": (NOW, 15.0)}
+    assert -1 not in latest
+    assert latest_readings({}) == {}
+    assert latest_readings({current.pk: set()}) == {}
+
+
+def test_text_array_round_trips_any_string(in_alpha: TenantPersona) -> None:
+    values = ["plain", "a,b", 'q"uote', "back\\slash", "NULL", "", " spaced ", "{braces}", "üñí"]
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT %s::text[]", [text_array(values)])
+        row = cursor.fetchone()
+    assert row is not None and row[0] == values
