@@ -8,11 +8,26 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from django.db import connection
+from django.db.backends.utils import CursorWrapper
+from psycopg.types.datetime import TimestamptzLoader
 
 from argus.sql import bigint_array, text_array
 
 # device id -> metric -> (device time, value)
 LatestReadings = dict[int, dict[str, tuple[datetime, float]]]
+
+
+def _times_loaded_in_c(cursor: CursorWrapper) -> CursorWrapper:
+    """Load this cursor's timestamptz columns with psycopg's own loader instead of Django's.
+
+    Django's is a Python subclass of psycopg's (to attach the connection's time zone) and costs
+    ~5 us a value, psycopg's C one ~0.6 us (3,000 times: 15.7 vs 1.9 ms, measured for issue 12).
+    psycopg's gives the session's time zone, which Django sets to the connection's (UTC here):
+    the same aware datetimes. The registration is the cursor's own (psycopg copies the adapters
+    map on write), not the connection's.
+    """
+    cursor.cursor.adapters.register_loader("timestamptz", TimestamptzLoader)
+    return cursor
 
 
 # How far before a device's last_seen its newest readings are looked for first (device time lags
@@ -46,6 +61,7 @@ def latest_readings(device_metrics: Mapping[int, Collection[str]]) -> LatestRead
     if not devices:
         return latest
     with connection.cursor() as cursor:
+        _times_loaded_in_c(cursor)
         cursor.execute(
             """
             WITH p AS MATERIALIZED (
@@ -113,6 +129,7 @@ def history_buckets(*, device_id: int, metric: str, start: datetime, end: dateti
     touches; the aggregation runs in PostgreSQL, so only the buckets cross the wire.
     """
     with connection.cursor() as cursor:
+        _times_loaded_in_c(cursor)
         cursor.execute(
             """
             SELECT date_bin(%s::interval, time, %s) AS bucket, avg(value), min(value), max(value), count(*)
@@ -133,6 +150,7 @@ def history_points(
     # One of two constant conditions: the cursor, or the start of the range.
     since_sql, params = ("time > %s", [after]) if after is not None else ("time >= %s", [start])
     with connection.cursor() as cursor:
+        _times_loaded_in_c(cursor)
         cursor.execute(
             f"""
             SELECT time, value FROM telemetry_history

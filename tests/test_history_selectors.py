@@ -9,7 +9,7 @@ from django.db import connection
 
 from argus.sql import text_array
 from devices.models import Device
-from telemetry.selectors import LATEST_WINDOW, LatestReadings, latest_readings
+from telemetry.selectors import LATEST_WINDOW, LatestReadings, Point, history_buckets, history_points, latest_readings
 from tests.conftest import TenantPersona, make_device, make_device_type
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -89,3 +89,33 @@ def test_text_array_round_trips_any_string(in_alpha: TenantPersona) -> None:
         cursor.execute("SELECT %s::text[]", [text_array(values)])
         row = cursor.fetchone()
     assert row is not None and row[0] == values
+
+
+def test_history_buckets_and_points_across_partitions(in_alpha: TenantPersona) -> None:
+    device = make_device(make_device_type())
+    day = NOW.replace(hour=0, minute=0, second=0)
+    # Yesterday's last two minutes and today's first three, a reading every 20 s, values 0, 1, 2, ...
+    times = [day - timedelta(minutes=2) + timedelta(seconds=20 * i) for i in range(15)]
+    insert(device.pk, "temperature", *[(t, float(i)) for i, t in enumerate(times)])
+    insert(device.pk, "humidity", (day, 99.0))
+
+    buckets = history_buckets(
+        device_id=device.pk,
+        metric="temperature",
+        start=day - timedelta(minutes=2),
+        end=day + timedelta(minutes=3),
+        bucket=timedelta(minutes=1),
+    )
+    assert [b.time for b in buckets] == [day + timedelta(minutes=m) for m in range(-2, 3)]
+    assert all(b.time.tzinfo is not None and b.time.utcoffset() == timedelta(0) for b in buckets)
+    assert [(b.min, b.max, b.avg, b.count) for b in buckets] == [
+        (3.0 * m, 3.0 * m + 2, 3.0 * m + 1, 3) for m in range(5)
+    ]
+
+    first = history_points(device_id=device.pk, metric="temperature", start=times[1], end=times[-1], limit=6)
+    assert first == [Point(t, float(i)) for i, t in enumerate(times[1:7], start=1)]
+    rest = history_points(
+        device_id=device.pk, metric="temperature", start=times[1], end=times[-1], after=first[-1].time, limit=100
+    )
+    assert rest == [Point(t, float(i)) for i, t in enumerate(times[7:-1], start=7)]
+    assert all(p.time.utcoffset() == timedelta(0) for p in first + rest)
