@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 SERVICES := $(PY) -m devtools.services run --
 export ARGUS_WEB_PORT ?= 8000
 
-.PHONY: install demo test test-inner lint check bench chunk-bench alert-bench faults services-up services-down clean
+.PHONY: install demo test test-inner lint check bench chunk-bench alert-bench history-bench faults services-up services-down clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ chunk-bench: install
 ## make alert-bench: breaching reading committed -> alert open, under BENCH_RATE (5000) msgs/s for BENCH_SECONDS (60).
 alert-bench: install
 	DEBUG=1 $(SERVICES) $(PY) -m devtools.alert_bench
+
+## make history-bench: the read selectors on a 50 M-reading telemetry_history (HISTORY_BENCH_ROWS; filled once, then reused).
+history-bench: install
+	DEBUG=1 $(SERVICES) $(PY) -m devtools.history_bench
 
 ## make faults: the fault suite (FAULTS=name,name picks some); updates the table in docs/validation.md.
 faults: install

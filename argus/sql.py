@@ -17,6 +17,12 @@ def bigint_array(ids: Iterable[int]) -> str:
     return "{" + ",".join(map(str, ids)) + "}"
 
 
+def text_array(values: Iterable[str]) -> str:
+    """A `text[]` literal for `%s::text[]`, as cheap as bigint_array: every element double-quoted,
+    its backslashes and double quotes escaped, so any string (commas, braces, "NULL") stays itself."""
+    return "{" + ",".join('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values) + "}"
+
+
 def copy_rows(
     cursor: CursorWrapper, table: str, columns: str, types: Sequence[str], rows: Iterable[Sequence[object]]
 ) -> None:
