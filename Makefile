@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 SERVICES := $(PY) -m devtools.services run --
 export ARGUS_WEB_PORT ?= 8000
 
-.PHONY: install demo test test-inner lint check bench chunk-bench alert-bench history-bench faults services-up services-down clean
+.PHONY: install browser demo test test-inner lint check bench chunk-bench alert-bench history-bench faults services-up services-down clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,12 +18,18 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 install: $(VENV)/.installed
 
+## make browser: Debian's Chromium and its ChromeDriver for the dashboard's browser test (apt, as
+## root; nothing is downloaded at test time).
+browser:
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
+
 ## make demo: migrate, seed, run the whole platform against simulated devices, print what happened.
 demo: install
 	DEBUG=1 $(SERVICES) $(PY) manage.py demo
 
 ## make test: lint, type-check, Django checks, then the whole test suite against the real services.
-test: install
+test: install browser
 	ARGUS_TESTING=1 $(SERVICES) $(MAKE) --no-print-directory test-inner
 
 test-inner: lint check

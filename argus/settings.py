@@ -139,6 +139,8 @@ SHARED_APPS = [
     "django.contrib.auth",
     "django.contrib.sessions",
     "django.contrib.messages",
+    # Before the admin: its admin/base_site.html adds the dashboard link to the admin's header.
+    "dashboard",
     "django.contrib.admin",
     "django.contrib.staticfiles",
     "rest_framework",
@@ -221,6 +223,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "dashboard.context.dashboard_link",
             ],
         },
     },
@@ -369,6 +372,18 @@ ARGUS_JWT_LEEWAY_SECONDS = env_int("ARGUS_JWT_LEEWAY_SECONDS", 30)
 # itself (with problem+json) for anything larger; admin forms keep Django's default headroom.
 DATA_UPLOAD_MAX_MEMORY_SIZE = max(ARGUS_MAX_PAYLOAD_BYTES + 64 * 1024, 2_621_440)
 # --- end HTTP ingestion API ------------------------------------------------------------------
+
+# --- Live updates (argus/live.py) and the dashboard (dashboard/) -------------------------------
+# Each process publishes at most one event per tenant per interval (0: live updates off), with at
+# most ARGUS_LIVE_MAX_ITEMS devices (alerts, assets) per event.
+ARGUS_LIVE_INTERVAL_SECONDS = env_float("ARGUS_LIVE_INTERVAL_SECONDS", 0.5)
+ARGUS_LIVE_MAX_ITEMS = env_int("ARGUS_LIVE_MAX_ITEMS", 200)
+# An open page's event stream sends a keep-alive this often; the page calls itself stale after
+# three missed ones.
+ARGUS_LIVE_PING_SECONDS = env_float("ARGUS_LIVE_PING_SECONDS", 5.0)
+# The port of the ASGI server (argus/asgi.py) that serves the dashboard and its event stream, when
+# it is not the server the admin is on (the admin's header links there); empty: the same server.
+ARGUS_DASHBOARD_PORT = env("ARGUS_DASHBOARD_PORT", "")
 
 # --- Read API (docs/api.md): users of a tenant, on the tenant's host ---------------------------
 # Lists are cursor-paginated: `limit` up to ARGUS_API_MAX_PAGE_SIZE, ARGUS_API_PAGE_SIZE if absent.

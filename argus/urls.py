@@ -10,6 +10,7 @@ from telemetry.admin import deadletters_view
 urlpatterns: list[URLPattern | URLResolver] = [
     path("admin/deadletters/", admin.site.admin_view(deadletters_view), name="deadletters"),
     path("admin/", admin.site.urls),
+    path("dashboard/", include("dashboard.urls")),
     path("", include(api_urlpatterns)),
 ]
 # With DEBUG on, the admin's CSS and JS are served by any web process (gunicorn too); off: nothing.

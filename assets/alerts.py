@@ -49,6 +49,8 @@ class AlertChanges:
     acknowledged: int = 0
     deliveries: list[int] = field(default_factory=list)
     assets: set[int] = field(default_factory=set)
+    # The alerts opened, acknowledged or resolved (for open pages: argus/live.py).
+    alerts: set[int] = field(default_factory=set)
 
     def merge(self, other: AlertChanges) -> None:
         self.opened += other.opened
@@ -56,6 +58,7 @@ class AlertChanges:
         self.acknowledged += other.acknowledged
         self.deliveries += other.deliveries
         self.assets |= other.assets
+        self.alerts |= other.alerts
 
 
 # --- The rule's state machine (pure: no database) ------------------------------------------
@@ -264,6 +267,7 @@ def _open(
         message=f"{asset.name}: {rule.describe()} ({rule.metric} = {shown})",
     )
     changes.opened += 1
+    changes.alerts.add(alert.pk)
     changes.assets.add(asset.pk)
     changes.deliveries += deliveries_record(alert=alert, event=AlertEvent.OPENED)
     log.info("alert opened id=%s asset=%s rule=%s value=%s", alert.pk, asset.name, rule.name, shown)
@@ -287,6 +291,7 @@ def _resolve(
         alert.last_value = value
     alert.save(update_fields=["status", "resolved_at", "resolution", "resolved_by", "last_value"])
     changes.resolved += 1
+    changes.alerts.add(alert.pk)
     changes.assets.add(alert.asset_id)
     changes.deliveries += deliveries_record(alert=alert, event=AlertEvent.RESOLVED)
     log.info("alert resolved id=%s asset_id=%s resolution=%s", alert.pk, alert.asset_id, resolution)
@@ -311,6 +316,7 @@ def alert_acknowledge(*, alert_id: int, user: AbstractBaseUser) -> tuple[Alert, 
         alert.acknowledged_by = user  # type: ignore[assignment]
         alert.save(update_fields=["status", "acknowledged_at", "acknowledged_by"])
         changes.acknowledged += 1
+        changes.alerts.add(alert.pk)
         changes.assets.add(alert.asset_id)
         changes.deliveries += deliveries_record(alert=alert, event=AlertEvent.ACKNOWLEDGED)
     return alert, changes

@@ -4,12 +4,15 @@ the asset and, for every change, in its history (`asset_health_scores`)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from decimal import Decimal
 
 from django.db import transaction
 from django.utils import timezone
 
+from argus import live
+from argus.registry import current_schema
 from assets.health import ALGORITHMS, HealthInputs, OpenAlert
 from assets.models import Alert, AlertStatus, Asset, AssetHealthScore, asset_type_metric_definitions
 from assets.values import asset_readings, links_of, stored_readings
@@ -48,6 +51,9 @@ def assets_score(*, asset_ids: list[int]) -> int:
             continue
         score = Decimal(str(result.score)).quantize(Decimal("0.01"))
         computed_by = f"{algorithm.name}@{algorithm.version}"
+        # Open pages get every scoring, changed or not: it carries the asset's latest values too.
+        item = {"score": float(score), "computed_by": computed_by, "explanation": result.explanation, "latest": values}
+        transaction.on_commit(functools.partial(live.note, current_schema(), "health", {str(asset.pk): item}))
         if (asset.health_score, asset.health_explanation, asset.health_score_computed_by) == (
             score,
             result.explanation,

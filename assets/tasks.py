@@ -11,11 +11,13 @@ from django.conf import settings
 from django.core.cache import cache
 from django.db import transaction
 
-from argus.registry import each_tenant_schema
+from argus import live
+from argus.registry import current_schema, each_tenant_schema
 from assets.alerts import AlertChanges, alerts_sweep
+from assets.models import Alert
 from assets.scoring import assets_score
 from assets.services import health_recompute, telemetry_evaluate
-from assets.webhooks import deliveries_due, delivery_attempt
+from assets.webhooks import alert_payload, deliveries_due, delivery_attempt
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +34,21 @@ def send_followups(changes: AlertChanges, scored: set[int]) -> None:
             except Exception:
                 log.exception("could not queue webhook delivery id=%s (the sweep will send it)", delivery_id)
         health_schedule(sorted(scored | changes.assets))
+        if changes.alerts:
+            live_alerts(sorted(changes.alerts))
 
     transaction.on_commit(send)
+
+
+def live_alerts(alert_ids: list[int]) -> None:
+    """Tell open pages of the tenant what became of these alerts (argus/live.py)."""
+    try:
+        alerts = Alert.objects.filter(pk__in=alert_ids).select_related(
+            "asset", "rule", "acknowledged_by", "resolved_by"
+        )
+        live.note(current_schema(), "alerts", {str(a.pk): alert_payload(a, "changed")["alert"] for a in alerts})
+    except Exception:
+        log.exception("could not note alerts %s for live pages", alert_ids)
 
 
 def _debounce_key(asset_id: int) -> str:

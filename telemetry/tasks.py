@@ -13,6 +13,7 @@ from argus.invalidation import register_process_cache
 from argus.registry import current_schema, each_tenant_schema
 from telemetry import hooks
 from telemetry.chunks import transaction_reassemble, transactions_expire, transactions_unassembled
+from telemetry.live import live_stored
 from telemetry.profiles import ProfileCache
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,8 @@ register_process_cache(profiles)
 def reassemble_transaction(transaction_pk: int) -> str:
     """Reassemble one complete chunked transaction (in its tenant); safe to run twice."""
     outcome = transaction_reassemble(transaction_pk=transaction_pk, profiles=profiles)
+    if outcome.readings:
+        live_stored(current_schema(), messages=0, readings=outcome.readings, latest=outcome.latest)
     hooks.transaction_reassembled(outcome.latest)
     return outcome.status
 

@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RUNTIME_APPS = ("argus", "devices", "telemetry", "bridge", "assets")
+RUNTIME_APPS = ("argus", "devices", "telemetry", "bridge", "assets", "dashboard")
 FIRST_PARTY = (*RUNTIME_APPS, "devtools")
 
 
@@ -112,8 +112,8 @@ def test_it_finds_a_cycle_when_there_is_one() -> None:
 
 
 # Each layer imports only the ones above it: argus (kernel) -> devices -> telemetry -> bridge,
-# assets. The URL configuration is the composition root: it names every app's views.
-LAYERS = {"argus": 0, "devices": 1, "telemetry": 2, "bridge": 3, "assets": 3}
+# assets -> dashboard. The URL configuration is the composition root: it names every app's views.
+LAYERS = {"argus": 0, "devices": 1, "telemetry": 2, "bridge": 3, "assets": 3, "dashboard": 4}
 COMPOSITION_ROOTS = {"argus.urls", "argus.urls_api"}
 
 

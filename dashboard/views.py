@@ -1,0 +1,97 @@
+"""The dashboard's pages (sync views: templates) and its event stream (an async view, served by
+the ASGI server, `argus/asgi.py`, so an open page holds no worker: docs/dashboard.md)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import orjson
+import redis.asyncio as aioredis
+from django.conf import settings
+from django.contrib.auth.decorators import login_required
+from django.core.handlers.asgi import ASGIRequest
+from django.db import connection
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http.response import HttpResponseBase
+from django.shortcuts import get_object_or_404, render
+from django_tenants.utils import get_public_schema_name
+from redis.exceptions import RedisError
+
+from argus.live import channel
+from dashboard.selectors import device_metrics, overview
+from devices.models import Device
+
+log = logging.getLogger(__name__)
+LOGIN_URL = "dashboard:login"
+
+
+def tenant_site(request: HttpRequest) -> str:
+    """The schema of the tenant whose host this is; 404 on the public site."""
+    tenant = getattr(request, "tenant", None)
+    schema = getattr(tenant, "schema_name", None) or getattr(connection, "schema_name", None)
+    if not schema or schema == get_public_schema_name():
+        raise Http404("The dashboard answers on a tenant's host.")
+    return str(schema)
+
+
+@login_required(login_url=LOGIN_URL)
+def index(request: HttpRequest) -> HttpResponse:
+    tenant_site(request)
+    return render(request, "dashboard/index.html", {"overview": overview(), **_live_context()})
+
+
+@login_required(login_url=LOGIN_URL)
+def device(request: HttpRequest, logical_id: str) -> HttpResponse:
+    tenant_site(request)
+    found = get_object_or_404(Device, logical_identifier=logical_id)
+    metrics = device_metrics(found)
+    metric = request.GET.get("metric") or (metrics[0] if metrics else "")
+    if metric and metric not in metrics:
+        raise Http404("No such metric on this device.")
+    context = {"device": found, "metrics": metrics, "metric": metric, **_live_context()}
+    return render(request, "dashboard/device.html", context)
+
+
+def _live_context() -> dict[str, object]:
+    return {"ping_seconds": settings.ARGUS_LIVE_PING_SECONDS}
+
+
+async def events(request: HttpRequest) -> HttpResponseBase:
+    """Server-sent events: the tenant's live events as they are published, a `ping` event when
+    idle. Only under ASGI: a WSGI worker would be held for as long as the page stays open."""
+    schema = tenant_site(request)
+    if not isinstance(request, ASGIRequest):
+        return JsonResponse({"detail": "The event stream is served by the ASGI server."}, status=503)
+    user = await request.auser()
+    if not user.is_authenticated:
+        return JsonResponse({"detail": "Log in first."}, status=403)
+    response = StreamingHttpResponse(_stream(schema), content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"  # a reverse proxy must not hold events back
+    return response
+
+
+async def _stream(schema: str) -> AsyncIterator[bytes]:
+    client = aioredis.Redis.from_url(str(settings.CACHES["default"]["LOCATION"]))
+    pubsub = client.pubsub()
+    await pubsub.subscribe(channel(schema))
+    ping = settings.ARGUS_LIVE_PING_SECONDS
+    try:
+        # Reconnect after 2 s when the stream breaks (EventSource does it by itself).
+        yield b"retry: 2000\nevent: ping\ndata: {}\n\n"
+        while True:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=ping)
+            if message is None:
+                yield b"event: ping\ndata: {}\n\n"
+                continue
+            data = message["data"]
+            # One line: the event's JSON never holds a raw newline (orjson escapes them).
+            yield b"data: " + (data if isinstance(data, bytes) else orjson.dumps(data)) + b"\n\n"
+    finally:
+        # The page went away (the server cancels the stream) or Redis did.
+        try:
+            await pubsub.aclose()
+            await client.aclose()
+        except (RedisError, OSError):
+            log.warning("closing the live stream of %s failed", schema, exc_info=True)

@@ -1,0 +1,12 @@
+"""What telemetry tells open pages (argus/live.py) once readings are stored."""
+
+from __future__ import annotations
+
+from argus import live
+from telemetry.messages import LatestValues
+
+
+def live_stored(schema: str, *, messages: int, readings: int, latest: LatestValues) -> None:
+    """Counts and the newest values per device of what a batch or a reassembly stored."""
+    live.note_counts(schema, messages=messages, readings=readings)
+    live.note(schema, "devices", {str(d): {"time": t.isoformat(), "values": v} for d, (t, v) in latest.items()})
