@@ -1,6 +1,6 @@
 """ASGI entry point: the whole site, for the dashboard's event stream (an async view that holds
-no worker while a page is open). `uvicorn argus.asgi:application`; the WSGI server (gunicorn,
-argus/wsgi.py) serves everything else."""
+no worker while a page is open), run as `gunicorn argus.asgi:application -k
+uvicorn_worker.UvicornWorker` (Procfile); the WSGI server (argus/wsgi.py) serves everything else."""
 
 import os
 

@@ -67,7 +67,7 @@ HTTP_EVERY = 4  # every 4th endpoint reading goes through POST /api/v1/telemetry
 GATEWAY_RATE = 1.0  # gateway messages (50 beacons each) per second
 CHUNKED_INTERVAL = 10.0  # seconds between chunked transactions (67 chunks each)
 CHUNKED_RATE = 200.0  # chunks per second while a transaction is being sent
-READY_TIMEOUT = 120.0  # Django start-up of five processes on a busy small machine
+READY_TIMEOUT = 120.0  # Django start-up of six processes on a busy small machine
 STOP_TIMEOUT = 30.0
 DRAIN_TIMEOUT = 30.0  # after the traffic stops, how long to wait for the data to arrive
 REPORT_INTERVAL = 5.0
@@ -378,7 +378,7 @@ def _shown(value: float | None) -> str:
     return "no data" if value is None else f"{value:g}"
 
 
-def format_report(report: DemoReport, stats: FeedStats, *, port: str, admin: str) -> str:
+def format_report(report: DemoReport, stats: FeedStats, *, port: str, live_port: str, admin: str) -> str:
     """The final report, as printed."""
     lines = [f"Argus demo: what happened since {report.since:%H:%M:%S} UTC", "", "Sent by the simulated devices:"]
     lines.append(
@@ -431,6 +431,7 @@ def format_report(report: DemoReport, stats: FeedStats, *, port: str, admin: str
         "",
         "Open:",
         f"  admin     http://localhost:{port}/admin/   (tenant 'demo', log in as {admin})",
+        f"  dashboard http://localhost:{live_port}/dashboard/   (live; the same login)",
         f"  API docs  http://localhost:{port}/api/docs/",
         f"  ingest    POST http://localhost:{port}/api/v1/telemetry   (Authorization: Api-Key <key>; "
         f"`manage.py create_device_key {ENDPOINT_DEVICE}`)",
@@ -466,18 +467,21 @@ def _metrics_port(env: dict[str, str], name: str, default: int) -> None:
 class Demo:
     """One demo run; `run()` returns the exit code."""
 
-    STOP_ORDER = [["bridge", "web"], ["ingest"], ["worker", "beat"]]
+    STOP_ORDER = [["bridge", "web", "live"], ["ingest"], ["worker", "beat"]]
 
     def __init__(self, out: Writer, *, seconds: float | None) -> None:
         self.out = out
         self.seconds = seconds
         self.port = os.environ.get("ARGUS_WEB_PORT", "8000")
+        # The dashboard and its event stream: the ASGI server, next to the web server.
+        self.live_port = os.environ.get("ARGUS_LIVE_PORT", str(int(self.port) + 1))
         self.admin = f"admin / {os.environ.get('ARGUS_ADMIN_PASSWORD', 'argus-demo-admin')}"
         self.stopping = threading.Event()
         self.log_dir = run_dir() / "demo"
         env = dict(os.environ)
         _metrics_port(env, "ARGUS_BRIDGE_METRICS_PORT", settings.ARGUS_BRIDGE_METRICS_PORT)
         _metrics_port(env, "ARGUS_INGEST_METRICS_PORT", settings.ARGUS_INGEST_METRICS_PORT)
+        env.setdefault("ARGUS_DASHBOARD_PORT", self.live_port)  # the admin's header links there
         self.env = env
         self.supervisor = self._supervisor()
 
@@ -502,6 +506,25 @@ class Demo:
             [*gunicorn, "--access-logfile", "-", "--graceful-timeout", "10"],
             http_ok(f"http://127.0.0.1:{self.port}/healthz"),
         )
+        # The dashboard's event stream: ASGI under gunicorn (uvicorn's worker class), one process.
+        sup.add(
+            "live",
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "argus.asgi:application",
+                "--worker-class",
+                "uvicorn_worker.UvicornWorker",
+                "--bind",
+                f"127.0.0.1:{self.live_port}",
+                "--workers",
+                "1",
+                "--graceful-timeout",
+                "10",
+            ],
+            http_ok(f"http://127.0.0.1:{self.live_port}/healthz"),
+        )
         sup.add("bridge", manage("runbridge"), log_says(BRIDGE_READY))
         sup.add("ingest", manage("runingest"), log_says(INGEST_READY))
         sup.add(
@@ -515,6 +538,8 @@ class Demo:
     def run(self) -> int:
         if port_open("127.0.0.1", int(self.port)):
             raise DemoError(f"port {self.port} is already in use; set ARGUS_WEB_PORT to a free one")
+        if port_open("127.0.0.1", int(self.live_port)):
+            raise DemoError(f"port {self.live_port} is already in use; set ARGUS_LIVE_PORT to a free one")
         with _signals_set(self.stopping):
             return self._run()
 
@@ -522,7 +547,7 @@ class Demo:
         since = timezone.now()
         dead_before = dead_letter_counts(settings.NATS_URL)
         api_key, key = api_key_create(logical_id=ENDPOINT_DEVICE, tenant_schema=SCHEMA)
-        self.say(f"Starting web, bridge, ingest, worker and beat (logs in {self.log_dir}) ...")
+        self.say(f"Starting web, live, bridge, ingest, worker and beat (logs in {self.log_dir}) ...")
         self.supervisor.start()
         feeds: Feeds | None = None
         codes: dict[str, int | None] = {}
@@ -567,7 +592,7 @@ class Demo:
             api_key_revoke(prefix=api_key.prefix)
         report = demo_report(since=since, nats_url=settings.NATS_URL, dead_letters_before=dead_before)
         self.say("")
-        self.say(format_report(report, feeds.stats, port=self.port, admin=self.admin))
+        self.say(format_report(report, feeds.stats, port=self.port, live_port=self.live_port, admin=self.admin))
         self.say("")
         self.say("Process exit codes: " + ", ".join(f"{name} {code}" for name, code in codes.items()))
         failed = [name for name, ok in report.checks().items() if not ok]

@@ -52,7 +52,7 @@ class Site:
 def site(
     broker: ServerHandle, nats_server: ServerHandle, live_db: None, alpha: TenantPersona, tmp_path: Path
 ) -> Iterator[Site]:
-    """runbridge, runingest, a Celery worker and the ASGI server (uvicorn) on a free port."""
+    """runbridge, runingest, a Celery worker and the ASGI server (gunicorn's uvicorn worker) on a free port."""
     pipeline = Pipeline(
         broker,
         nats_server,
@@ -64,7 +64,10 @@ def site(
     # DEBUG: the dashboard's own script and stylesheet are served by the app (no CDN).
     asgi = Child(
         "uvicorn",
-        [sys.executable, "-m", "uvicorn", "argus.asgi:application", "--host", "127.0.0.1", "--port", str(port)],
+        [
+            *(sys.executable, "-m", "gunicorn", "argus.asgi:application"),
+            *("--worker-class", "uvicorn_worker.UvicornWorker", "--bind", f"127.0.0.1:{port}"),
+        ],
         tmp_path / "uvicorn.log",
         env={**pipeline.env, "DEBUG": "1"},
     )
@@ -178,7 +181,12 @@ def test_it_shows_readings_and_alerts_live_and_acknowledges_from_the_page(
         p.send(logical_id, {"msg_id": "m2", "values": {"temperature": 61.0}})
         alert_row = until(
             browser,
-            lambda d: next(iter(d.find_elements(By.CSS_SELECTOR, "#alerts tbody tr[data-status='open']")), None),
+            lambda d: next(
+                iter(
+                    d.find_elements(By.CSS_SELECTOR, f"#alerts tbody tr[data-asset='{w.asset.pk}'][data-status='open']")
+                ),
+                None,
+            ),
             timeout=30,
         )
         assert w.asset.name in alert_row.text  # type: ignore[attr-defined]

@@ -56,6 +56,7 @@ def test_it_runs_the_whole_platform_and_reports_the_data(tmp_path: Path) -> None
         MQTT_URL=f"mqtt://127.0.0.1:{free_port()}",
         NATS_URL=f"nats://127.0.0.1:{free_port()}",
         ARGUS_WEB_PORT=str(free_port()),
+        ARGUS_LIVE_PORT=str(free_port()),
         ARGUS_BRIDGE_METRICS_PORT=str(free_port()),
         ARGUS_INGEST_METRICS_PORT=str(free_port()),
         ARGUS_BRIDGE_CLIENT_ID=f"argus-demo-test-{uuid.uuid4().hex[:6]}",
@@ -89,10 +90,10 @@ def test_it_runs_the_whole_platform_and_reports_the_data(tmp_path: Path) -> None
         "[ok] chunked transaction complete",
         "[ok] health scores updated",
         "DEMO OK",
-        "Process exit codes: bridge 0, web 0, ingest 0, worker 0, beat 0",
+        "Process exit codes: bridge 0, web 0, live 0, ingest 0, worker 0, beat 0",
     ):
         assert line in output, output
     assert "Chunked transactions: complete" in output, output
     assert re.search(r"TS-001-2024 +[1-9]\d* rows from 1 device", output), output
     assert re.search(r"BG-001-2024 +[1-9]\d* rows from 2000 device", output), output
-    assert "/admin/" in output and "/api/docs/" in output
+    assert "/admin/" in output and "/api/docs/" in output and "/dashboard/" in output

@@ -97,6 +97,7 @@
     if (!row) {
       row = document.createElement("tr");
       row.dataset.alert = String(alert.id);
+      if (alert.asset) row.dataset.asset = String(alert.asset.id);
       for (const cls of ["severity", "asset", "message", "raised", "status-cell", "actions"]) {
         const cell = document.createElement("td");
         cell.className = cls;
