@@ -13,7 +13,9 @@ import binascii
 from datetime import UTC, datetime
 from typing import Any
 
+import django_filters
 import orjson
+from django import forms
 from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import connection
@@ -78,6 +80,26 @@ class CursorPage(CursorPagination):
 
 
 # --- Time-ordered series (raw points, health scores): a cursor is the last time sent ---------
+
+
+class _UTCDateTimeField(django_filters.fields.IsoDateTimeField):
+    """An ISO 8601 time, converted to UTC here: PostgreSQL refuses offsets beyond ±15:59, which
+    Python accepts, and a time that leaves years 1 to 9999 in UTC is refused as out of range."""
+
+    def to_python(self, value: Any) -> datetime | None:
+        parsed: datetime | None = super().to_python(value)
+        if parsed is None:
+            return None
+        try:
+            return parsed.astimezone(UTC)
+        except OverflowError:
+            raise forms.ValidationError("Out of range.", code="overflow") from None
+
+
+class TimeFilter(django_filters.IsoDateTimeFilter):
+    """A list filter on a timestamp (`?last_seen_after=`): ISO 8601, compared in UTC."""
+
+    field_class = _UTCDateTimeField
 
 
 def time_cursor(time: datetime) -> str:

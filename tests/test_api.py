@@ -9,7 +9,7 @@ import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -508,3 +508,43 @@ def test_it_documents_every_endpoint_with_its_problems(reader: ApiUser) -> None:
         for operation in paths[path].values():
             assert {"401", "404"} <= set(operation["responses"]), (path, operation["responses"].keys())
             assert "application/problem+json" in operation["responses"]["404"]["content"]
+
+
+@pytest.mark.parametrize(
+    "path,params",
+    [
+        ("/devices/", {"last_seen_before": "9999-12-31T23:59:59-23:59"}),
+        ("/devices/", {"last_seen_after": "0001-01-01T00:00:00+01:00"}),
+        ("/alerts/", {"raised_after": "0001-01-01T00:00:00+23:59"}),
+        ("/alerts/", {"raised_before": "9999-12-31T23:59:59.999999-00:01"}),
+        ("/assets/", {"health_below": "1e400"}),
+        ("/assets/", {"health_below": "NaN"}),
+    ],
+)
+def test_it_refuses_filter_values_the_database_cannot_compare_with_400(
+    reader: ApiUser, path: str, params: dict[str, str]
+) -> None:
+    response = reader.get(path, **params)
+    assert response.status_code == 400, response.content
+    assert response["Content-Type"] == "application/problem+json"
+    assert set(params) & set(response.json()["errors"]), response.json()
+
+
+def test_it_compares_times_with_any_offset_python_accepts_in_utc(reader: ApiUser) -> None:
+    with schema_context(reader.persona.schema):
+        device_type = make_device_type()
+        seen = make_device(device_type, last_seen=datetime(2026, 12, 1, 12, 0, tzinfo=UTC))
+    # 2026-12-01T12:00Z is 2026-12-02T07:55 at +19:55, beyond PostgreSQL's own offsets.
+    after = reader.get("/devices/", type=device_type.name, last_seen_after="2026-12-02T07:54:00+19:55").json()
+    before = reader.get("/devices/", type=device_type.name, last_seen_before="2026-12-02T07:55:00+19:55").json()
+    assert [d["logical_id"] for d in after["results"]] == [seen.logical_identifier]
+    assert before["results"] == []
+    ancient = reader.get("/devices/", last_seen_after="0071-09-21T14:50:16.276805+19:55", never_seen="true")
+    assert ancient.status_code == 200, ancient.content
+
+
+@pytest.mark.parametrize("params", [{"asset": "99999999999999999999"}, {"rule": "-99999999999999999999"}])
+def test_it_finds_nothing_for_ids_beyond_bigint(reader: ApiUser, params: dict[str, str]) -> None:
+    response = reader.get("/alerts/", **params)
+    assert response.status_code == 200, response.content
+    assert response.json()["results"] == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import django_filters
 
+from argus.api import TimeFilter
 from assets.models import Alert, AlertStatus, Asset, Severity
 
 
@@ -21,8 +22,8 @@ class AlertFilterSet(django_filters.FilterSet):
     severity = django_filters.ChoiceFilter(choices=Severity.choices)
     asset = django_filters.NumberFilter(field_name="asset_id", help_text="Asset id.")
     rule = django_filters.NumberFilter(field_name="rule_id", help_text="Rule id.")
-    raised_after = django_filters.IsoDateTimeFilter(field_name="raised_at", lookup_expr="gte")
-    raised_before = django_filters.IsoDateTimeFilter(field_name="raised_at", lookup_expr="lt")
+    raised_after = TimeFilter(field_name="raised_at", lookup_expr="gte")
+    raised_before = TimeFilter(field_name="raised_at", lookup_expr="lt")
 
     class Meta:
         model = Alert

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import django_filters
 
+from argus.api import TimeFilter
 from devices.models import Device, DeviceRole, DeviceStatus
 
 
@@ -14,8 +15,8 @@ class DeviceFilterSet(django_filters.FilterSet):
     )
     role = django_filters.ChoiceFilter(field_name="device_role", choices=DeviceRole.choices)
     status = django_filters.ChoiceFilter(choices=DeviceStatus.choices)
-    last_seen_after = django_filters.IsoDateTimeFilter(field_name="last_seen", lookup_expr="gte")
-    last_seen_before = django_filters.IsoDateTimeFilter(field_name="last_seen", lookup_expr="lt")
+    last_seen_after = TimeFilter(field_name="last_seen", lookup_expr="gte")
+    last_seen_before = TimeFilter(field_name="last_seen", lookup_expr="lt")
     never_seen = django_filters.BooleanFilter(field_name="last_seen", lookup_expr="isnull")
 
     class Meta:
