@@ -375,9 +375,11 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = max(ARGUS_MAX_PAYLOAD_BYTES + 64 * 1024, 2_621_440
 
 # --- Live updates (argus/live.py) and the dashboard (dashboard/) -------------------------------
 # Each process publishes at most one event per tenant per interval (0: live updates off), with at
-# most ARGUS_LIVE_MAX_ITEMS devices (alerts, assets) per event.
+# most ARGUS_LIVE_MAX_ITEMS devices (alerts, assets) per event: the newest win. Each page's stream
+# passes on only the devices the page shows, so the bound is the size of a fleet whose every
+# device's reading must reach an open page within an interval (2,000: ~300 KB an event).
 ARGUS_LIVE_INTERVAL_SECONDS = env_float("ARGUS_LIVE_INTERVAL_SECONDS", 0.5)
-ARGUS_LIVE_MAX_ITEMS = env_int("ARGUS_LIVE_MAX_ITEMS", 200)
+ARGUS_LIVE_MAX_ITEMS = env_int("ARGUS_LIVE_MAX_ITEMS", 2000)
 # An open page's event stream sends a keep-alive this often; the page calls itself stale after
 # three missed ones.
 ARGUS_LIVE_PING_SECONDS = env_float("ARGUS_LIVE_PING_SECONDS", 5.0)

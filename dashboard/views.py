@@ -19,7 +19,7 @@ from django_tenants.utils import get_public_schema_name
 from redis.exceptions import RedisError
 
 from argus.live import channel
-from dashboard.selectors import device_metrics, overview
+from dashboard.selectors import DEVICES_SHOWN, device_metrics, overview
 from devices.models import Device
 
 log = logging.getLogger(__name__)
@@ -66,13 +66,40 @@ async def events(request: HttpRequest) -> HttpResponseBase:
     user = await request.auser()
     if not user.is_authenticated:
         return JsonResponse({"detail": "Log in first."}, status=403)
-    response = StreamingHttpResponse(_stream(schema), content_type="text/event-stream")
+    try:
+        devices = _devices_of_page(request.GET.get("devices"))
+    except ValueError as exc:
+        return JsonResponse({"detail": str(exc)}, status=400)
+    response = StreamingHttpResponse(_stream(schema, devices), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"  # a reverse proxy must not hold events back
     return response
 
 
-async def _stream(schema: str) -> AsyncIterator[bytes]:
+def _devices_of_page(value: str | None) -> frozenset[str] | None:
+    """`?devices=1,2,3`: the devices a page shows (at most DEVICES_SHOWN ids); None: all."""
+    if value is None:
+        return None
+    ids = [part for part in value.split(",") if part]
+    if len(ids) > DEVICES_SHOWN or not all(part.isascii() and part.isdigit() and len(part) <= 19 for part in ids):
+        raise ValueError(f"devices: at most {DEVICES_SHOWN} device ids, comma-separated.")
+    return frozenset(str(int(part)) for part in ids)
+
+
+def _for_page(data: bytes, devices: frozenset[str] | None) -> bytes:
+    """The event as the page needs it: only the devices it shows, when it named them. A tenant's
+    event holds up to ARGUS_LIVE_MAX_ITEMS devices; a page shows a few."""
+    if devices is None:
+        return data
+    event = orjson.loads(data)
+    if "devices" in event:
+        event["devices"] = {key: value for key, value in event["devices"].items() if key in devices}
+        if not event["devices"]:
+            del event["devices"]
+    return orjson.dumps(event)
+
+
+async def _stream(schema: str, devices: frozenset[str] | None = None) -> AsyncIterator[bytes]:
     client = aioredis.Redis.from_url(str(settings.CACHES["default"]["LOCATION"]))
     pubsub = client.pubsub()
     await pubsub.subscribe(channel(schema))
@@ -87,7 +114,7 @@ async def _stream(schema: str) -> AsyncIterator[bytes]:
                 continue
             data = message["data"]
             # One line: the event's JSON never holds a raw newline (orjson escapes them).
-            yield b"data: " + (data if isinstance(data, bytes) else orjson.dumps(data)) + b"\n\n"
+            yield b"data: " + _for_page(data if isinstance(data, bytes) else orjson.dumps(data), devices) + b"\n\n"
     finally:
         # The page went away (the server cancels the stream) or Redis did.
         try:

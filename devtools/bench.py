@@ -13,7 +13,9 @@ Environment: BENCH_RATE (msgs/s, 0 = flat out; 5000), BENCH_SECONDS (30), BENCH_
 1 up to 20000 msgs/s, else 2), BENCH_PRIVATE_NATS (1, the default: a private nats-server instead
 of NATS_URL, so no other consumer of the shared `ingest` durable can take this run's messages),
 BENCH_LEAN_PUBLISHER (1, the default: the simulator's hand-rolled MQTT publisher; 0: paho, which
-costs about 75 us of CPU per message on this machine kind).
+costs about 75 us of CPU per message on this machine kind), BENCH_LIVE_PAGES (0; N: the ASGI
+server and N open dashboard pages of the tenant during the load, with a probe device timed from
+its MQTT publish to every page: devtools/live_pages.py).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from argus.models import Domain, Organization
 from argus.registry import registry_sync
 from devices.models import Device, DeviceRole, DeviceType, ProcessingMode
+from devtools.live_pages import LivePages
 from devtools.services import ServerHandle, postgres_settings, start_mosquitto, start_nats
 from devtools.simulator import CHILD_METRICS, ENDPOINT_METRICS, SimulatorConfig, SimulatorResult, run_simulation
 from devtools.supervisor import ChildError, Supervisor, manage
@@ -84,6 +87,7 @@ class BenchSettings:
     ingesters: int
     sim_processes: int
     private_nats: bool
+    live_pages: int = 0
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> BenchSettings:
@@ -102,6 +106,7 @@ class BenchSettings:
             ingesters=int(env.get("BENCH_INGESTERS", "1") or 1),
             sim_processes=int(env.get("BENCH_SIM_PROCESSES", "") or default_procs),
             private_nats=env.get("BENCH_PRIVATE_NATS", "1").lower() in ("1", "true", "yes", "on"),
+            live_pages=int(env.get("BENCH_LIVE_PAGES", "0") or 0),
         )
 
     @property
@@ -534,6 +539,7 @@ class Bench:
         self.broker_dropped: float | None = None
         self.drain_complete = False
         self._dropped_before = 0.0
+        self.live: LivePages | None = None
 
     def log(self, text: str) -> None:
         self.out.write(f"bench: {text}\n")
@@ -565,7 +571,21 @@ class Bench:
         self.warm_up(devices, base_id)
 
         broker = self.servers[0]
-        sampler = ProcSampler({**pipeline_pids(self.pipeline), "mosquitto": [broker.pid]})
+        pids: dict[str, Sequence[int]] = {**pipeline_pids(self.pipeline), "mosquitto": [broker.pid]}
+        if self.bench.live_pages:
+            self.live = LivePages(
+                env=env,
+                log_dir=log_dir,
+                schema=SCHEMA,
+                host=f"{SCHEMA}.localhost",
+                pages=self.bench.live_pages,
+                page_devices=devices,
+            )
+            self.live.start()
+            self.live.start_probe(broker.url, self.run_id)
+            pids["live"] = [self.live.server.pid, *child_pids(self.live.server.pid)]
+            self.log(f"{self.bench.live_pages} dashboard pages open on the live server (port {self.live.port})")
+        sampler = ProcSampler(pids)
         self.broker_stats = BrokerStats(broker.url, f"argus-bench-stats-{self.run_id}")
         time.sleep(0.5)  # the retained $SYS values arrive on subscribing
         dropped_before = self._dropped_before = self.broker_stats.values.get(BrokerStats.DROPPED, 0.0)
@@ -576,15 +596,24 @@ class Bench:
             f"({self.bench.sim_processes} simulator process(es), QoS 1)"
         )
         sampler.mark_start()
+        if self.live is not None:
+            self.live.mark()
         result = run_simulation(self.load_config(devices, prefix))
         self.log(result.summary_line())
+        live_report = self.live.report() if self.live is not None else {}
         stored = self.drain(base_id, prefix, result.sent)
         sampler.mark_end()
+        if self.live is not None:
+            self.exit_codes["live"] = self.live.stop()
+            self.live = None
         self.broker_dropped = self.broker_stats.dropped_since(dropped_before, time.monotonic())
         self.log(f"stored {stored} of {result.sent} messages; stopping the pipeline")
-        self.exit_codes = stop_pipeline(self.pipeline)
+        self.exit_codes.update(stop_pipeline(self.pipeline))
         redis.Redis.from_url(self.celery_url).flushdb()
-        return self.analyse(base_id, prefix, result, sampler)
+        report = self.analyse(base_id, prefix, result, sampler)
+        if live_report:
+            report.update(live_report, cpu_cores_live=round(sampler.cores("live"), 2))
+        return report
 
     def load_config(self, devices: list[str], prefix: str) -> SimulatorConfig:
         """The measured load: BENCH_RATE for BENCH_SECONDS from these devices."""
@@ -795,6 +824,8 @@ class Bench:
         return report
 
     def close(self) -> None:
+        if self.live is not None:
+            self.live.stop()
         if self.broker_stats is not None:
             self.broker_stats.close()
         if self.pipeline is not None:
@@ -806,6 +837,9 @@ class Bench:
 def failures(report: dict[str, Any]) -> list[str]:
     """Why the run counts as failed (empty: passed)."""
     problems = [f"{key}={report[key]}" for key in ("lost", "duplicates", "rejected", "missing_readings") if report[key]]
+    problems += [f"live_page_errors={report['live_page_errors']}"] if report.get("live_page_errors") else []
+    if report.get("live_pages") and (report["live_probe_missed"] or not report["live_probe_deliveries"]):
+        problems.append(f"live_probe_missed={report['live_probe_missed']} of {report['live_probes']} probes")
     problems += [f"broker_dropped={report['broker_dropped']}"] if report.get("broker_dropped") else []
     problems += [f"{name} exited with {code}" for name, code in report["exit_codes"].items() if code != 0]
     return problems
@@ -834,6 +868,17 @@ def human_summary(report: dict[str, Any]) -> str:
             f"  broker     stored peak {r['broker_stored_peak']} messages ({r['broker_stored_mb_peak']} MB)",
             f"  exit codes {r['exit_codes']}",
         ]
+        + (
+            [
+                f"  live       {r['live_pages']} pages: {r['live_events_per_s_per_page']} events/s per page "
+                f"(max {r['live_events_per_s_per_page_max']}), {r['live_kb_per_s_per_page']} KB/s per page; "
+                f"probe publish -> page p50 {r['live_latency_p50_ms']} ms p99 {r['live_latency_p99_ms']} ms "
+                f"max {r['live_latency_max_ms']} ms, {r['live_probe_missed']} of "
+                f"{r['live_probes'] * r['live_pages']} missed; live server {r['cpu_cores_live']} cores"
+            ]
+            if r.get("live_pages")
+            else []
+        )
     )
 
 

@@ -7,12 +7,14 @@ import time
 from typing import Any
 
 import orjson
+import pytest
 import redis
 from django.conf import settings
 from django.test import Client
 from django_tenants.utils import schema_context
 
 from argus.live import Coalescer, channel
+from dashboard.views import _devices_of_page, _for_page
 from tests.conftest import TenantPersona, tenant_admin_client
 
 
@@ -69,3 +71,20 @@ def test_it_asks_a_visitor_to_log_in_and_shows_the_page_to_a_user(db: None, alph
     # Linked from the admin's header.
     with schema_context(alpha.schema):
         assert b'id="dashboard-link"' in client.get("/admin/").content
+
+
+def test_it_passes_on_to_a_page_only_the_devices_it_shows() -> None:
+    event = {"time": 1.0, "counts": {"messages": 3}, "devices": {"1": {"v": 1}, "2": {"v": 2}, "30": {"v": 3}}}
+    data = orjson.dumps(event)
+    assert _for_page(data, None) == data
+    assert orjson.loads(_for_page(data, _devices_of_page("2,30")))["devices"] == {"2": {"v": 2}, "30": {"v": 3}}
+    # Nothing of its devices: the counts (the page's rates) still arrive.
+    assert orjson.loads(_for_page(data, _devices_of_page("99"))) == {"time": 1.0, "counts": {"messages": 3}}
+    assert _devices_of_page("") == frozenset()
+    assert _devices_of_page("007,7") == frozenset({"7"})
+
+
+def test_it_refuses_a_page_asking_for_too_many_or_malformed_devices() -> None:
+    for value in (",".join(str(i) for i in range(101)), "1,x", "-1", "1" * 20, "\u0661"):
+        with pytest.raises(ValueError):
+            _devices_of_page(value)

@@ -209,8 +209,14 @@
     lastHeard = Date.now();
     setState("live");
   }
+  // The stream passes on only the devices this page shows (a tenant's event names up to
+  // thousands); a page with no device rows gets alerts, health and counts.
+  function eventsUrl() {
+    const ids = device ? [device.dataset.device] : Array.from(document.querySelectorAll("#devices tr[data-device]"), (row) => row.dataset.device);
+    return body.dataset.eventsUrl + "?devices=" + ids.join(",");
+  }
   function connect() {
-    const source = new EventSource(body.dataset.eventsUrl);
+    const source = new EventSource(eventsUrl());
     source.addEventListener("ping", heard);
     source.onmessage = (message) => {
       heard();
