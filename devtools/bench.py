@@ -600,10 +600,13 @@ class Bench:
             self.live.mark()
         result = run_simulation(self.load_config(devices, prefix))
         self.log(result.summary_line())
-        live_report = self.live.report() if self.live is not None else {}
+        if self.live is not None:
+            self.live.stop_probe()
         stored = self.drain(base_id, prefix, result.sent)
         sampler.mark_end()
+        live_report: dict[str, Any] = {}
         if self.live is not None:
+            live_report = self.live.report()
             self.exit_codes["live"] = self.live.stop()
             self.live = None
         self.broker_dropped = self.broker_stats.dropped_since(dropped_before, time.monotonic())
@@ -839,7 +842,8 @@ def failures(report: dict[str, Any]) -> list[str]:
     problems = [f"{key}={report[key]}" for key in ("lost", "duplicates", "rejected", "missing_readings") if report[key]]
     problems += [f"live_page_errors={report['live_page_errors']}"] if report.get("live_page_errors") else []
     if report.get("live_pages") and (report["live_probe_missed"] or not report["live_probe_deliveries"]):
-        problems.append(f"live_probe_missed={report['live_probe_missed']} of {report['live_probes']} probes")
+        deliveries = report["live_probes"] * report["live_pages"]
+        problems.append(f"live_probe_missed={report['live_probe_missed']} of {deliveries} deliveries")
     problems += [f"broker_dropped={report['broker_dropped']}"] if report.get("broker_dropped") else []
     problems += [f"{name} exited with {code}" for name, code in report["exit_codes"].items() if code != 0]
     return problems

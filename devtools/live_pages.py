@@ -67,6 +67,7 @@ class LivePages:
         self._threads: list[threading.Thread] = []
         self._sockets: list[socket.socket] = []
         self._stop = threading.Event()
+        self._probe_stop = threading.Event()
         self.probe_sent: dict[int, float] = {}
         self.first_event_at = 0.0
 
@@ -159,9 +160,14 @@ class LivePages:
         self._probe_thread = threading.Thread(target=self._probe, args=(run_id,), daemon=True, name="live-probe")
         self._probe_thread.start()
 
+    def stop_probe(self) -> None:
+        """No more probe readings (the end of the load)."""
+        self._probe_stop.set()
+        self._probe_thread.join(5)
+
     def _probe(self, run_id: str) -> None:
         number = 0
-        while not self._stop.wait(1.0):
+        while not self._probe_stop.wait(1.0):
             number = (number + 1) % 8000  # the value 20.00 + n/100 stays inside the type's schema
             sent = time.time()
             document = {
@@ -178,14 +184,17 @@ class LivePages:
         """Start of the measured window."""
         self._marked = (time.monotonic(), [(p.events, p.bytes) for p in self.pages])
 
-    def report(self) -> dict[str, Any]:
-        """Events and bytes per page per second since mark(), and the probe's latency on the pages."""
+    def report(self, grace: float = 5.0) -> dict[str, Any]:
+        """Events and bytes per page per second since mark(), and the probe's latency on the pages
+        (call after stop_probe() and the drain: a probe still missing `grace` s later is missed)."""
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(n not in p.probes for p in self.pages for n in self.probe_sent):
+            time.sleep(0.1)
         started, counts = self._marked
         seconds = max(time.monotonic() - started, 1e-9)
         events = [(p.events - e) / seconds for p, (e, _) in zip(self.pages, counts, strict=True)]
         byte_rates = [(p.bytes - b) / seconds for p, (_, b) in zip(self.pages, counts, strict=True)]
-        # Probes sent long enough before the end to have arrived (2 s is the goal; 5 s of grace).
-        due = {n: t for n, t in self.probe_sent.items() if t < time.time() - 5}
+        due = dict(self.probe_sent)
         latencies = sorted(p.probes[n] - t for p in self.pages for n, t in due.items() if n in p.probes)
         missed = sum(1 for p in self.pages for n in due if n not in p.probes)
 
@@ -208,6 +217,7 @@ class LivePages:
 
     def stop(self) -> int | None:
         self._stop.set()
+        self._probe_stop.set()
         mqtt_client = getattr(self, "_mqtt", None)
         if mqtt_client is not None:
             mqtt_client.loop_stop()
