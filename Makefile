@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 SERVICES := $(PY) -m devtools.services run --
 export ARGUS_WEB_PORT ?= 8000
 
-.PHONY: install browser demo test test-inner lint check bench chunk-bench alert-bench history-bench faults services-up services-down clean
+.PHONY: install browser demo test test-inner lint check bench chunk-bench alert-bench history-bench provision-bench faults services-up services-down clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,10 @@ alert-bench: install
 ## make history-bench: the read selectors on a 50 M-reading telemetry_history (HISTORY_BENCH_ROWS; filled once, then reused).
 history-bench: install
 	DEBUG=1 $(SERVICES) $(PY) -m devtools.history_bench
+
+## make provision-bench: manage.py provision on a file of PROVISION_BENCH_DEVICES (10,000) devices: created, unchanged, updated.
+provision-bench: install
+	DEBUG=1 $(SERVICES) $(PY) -m devtools.provision_bench
 
 ## make faults: the fault suite (FAULTS=name,name picks some); updates the table in docs/validation.md.
 faults: install

@@ -150,6 +150,8 @@ SHARED_APPS = [
     "rest_framework_api_key",
     "axes",
     "bridge",
+    # The device admin's import (devices/admin.py): its templates and static files; no models.
+    "import_export",
 ]
 # The development tools' commands (demo, simulate, bench, chunk_bench) where the checkout has
 # them; the Docker image leaves devtools/ out. No models: nothing to migrate.
@@ -401,6 +403,15 @@ ARGUS_API_MAX_POINTS = env_int("ARGUS_API_MAX_POINTS", 5000)
 ARGUS_API_HEALTH_MAX_SECONDS = env_int("ARGUS_API_HEALTH_MAX_SECONDS", 92 * 24 * 3600)
 # The largest JSON document (metadata) a client may store on a device or an asset, in bytes.
 ARGUS_API_MAX_METADATA_BYTES = env_int("ARGUS_API_MAX_METADATA_BYTES", 16 * 1024)
+
+# Bulk provisioning (assets/provisioning.py: `manage.py provision`, the device admin's import):
+# the bounds of one file.
+ARGUS_PROVISION_MAX_BYTES = env_int("ARGUS_PROVISION_MAX_BYTES", 50 * 1024 * 1024)
+ARGUS_PROVISION_MAX_ROWS = env_int("ARGUS_PROVISION_MAX_ROWS", 100_000)
+ARGUS_PROVISION_MAX_ASSETS_PER_DEVICE = env_int("ARGUS_PROVISION_MAX_ASSETS_PER_DEVICE", 20)
+# Between the admin import's dry run and its confirmation the file waits in the cache (Redis),
+# which every web process shares, not in one process's temporary directory.
+IMPORT_EXPORT_TMP_STORAGE_CLASS = "import_export.tmp_storages.CacheStorage"
 
 # Chunked transactions: the sweeper expires a transaction this long after its TTL (so chunks
 # received in time but still in the pipeline land first), and enqueues reassembly again for

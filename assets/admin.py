@@ -5,10 +5,19 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+from django import forms
+from django.conf import settings
 from django.contrib import admin, messages
+from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from import_export import fields, resources
+from import_export.admin import ImportMixin
+from import_export.formats import base_formats
+from import_export.forms import ImportForm
+from import_export.results import Result, RowResult
 
 from argus.admin import TenantOnlyAdmin
 from assets.alerts import AlertTransitionError, alert_acknowledge, alert_resolve
@@ -23,7 +32,10 @@ from assets.models import (
     WebhookDelivery,
     WebhookEndpoint,
 )
+from assets.provisioning import COLUMNS, ProvisionFileError, check_row_count, provision_devices
 from assets.tasks import send_followups
+from devices.admin import DeviceAdmin
+from devices.models import Device
 
 
 @admin.register(AssetType)
@@ -195,3 +207,74 @@ class WebhookDeliveryAdmin(TenantOnlyAdmin):
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
+
+
+# --------------------------------------------------------------------------- bulk provisioning
+
+
+class DeviceProvisionResource(resources.Resource):
+    """The device admin's import: the rows go through assets/provisioning.py, exactly as with
+    `manage.py provision`; django-import-export shows the dry run's report and asks to confirm."""
+
+    # The columns the import page lists (values are read by the provisioning service, not here).
+    logical_identifier, name, device_type, parent, metadata, assets = (fields.Field(column_name=c) for c in COLUMNS)
+
+    @classmethod
+    def get_display_name(cls) -> str:
+        return "Devices (provisioning)"
+
+    def import_data(self, dataset: Any, dry_run: bool = False, **kwargs: Any) -> Result:
+        result = Result()
+        result.diff_headers = list(COLUMNS)
+        rows = [dict(row) for row in dataset.dict]
+        try:
+            check_row_count(rows, headers=dataset.headers or [])
+        except ProvisionFileError as exc:
+            result.append_invalid_row(0, {}, ValidationError(str(exc)))
+            return result
+        # The admin confirms only a file without refusals, so its import is all or nothing.
+        report = provision_devices(rows=rows, all_or_nothing=True, dry_run=dry_run)
+        result.total_rows = len(rows)
+        for outcome, row in zip(report.outcomes, rows, strict=True):
+            if outcome.action == "refused":
+                result.append_invalid_row(outcome.row, row, ValidationError(outcome.errors))
+                result.totals[RowResult.IMPORT_TYPE_INVALID] += 1
+                continue
+            row_result = RowResult()
+            row_result.import_type = {
+                "created": RowResult.IMPORT_TYPE_NEW,
+                "updated": RowResult.IMPORT_TYPE_UPDATE,
+            }.get(outcome.action, RowResult.IMPORT_TYPE_SKIP)
+            row_result.diff = [_shown(row.get(column)) for column in COLUMNS]
+            if report.written and outcome.device is not None:
+                row_result.instance = outcome.device
+                row_result.add_instance_info(outcome.device)
+            result.append_row_result(row_result)
+            result.increment_row_result_total(row_result)
+        return result
+
+
+def _shown(value: Any) -> str:
+    # The template escapes it; lists and objects (a JSON file's) shown as compact JSON.
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else orjson.dumps(value).decode()
+
+
+class ProvisionImportForm(ImportForm):
+    def clean_import_file(self) -> Any:
+        upload = self.cleaned_data["import_file"]
+        if upload.size > settings.ARGUS_PROVISION_MAX_BYTES:
+            raise forms.ValidationError(f"At most {settings.ARGUS_PROVISION_MAX_BYTES} bytes per file.")
+        return upload
+
+
+# The device admin gains the import here, where devices and the assets they feed are both known.
+admin.site.unregister(Device)
+
+
+@admin.register(Device)
+class ProvisioningDeviceAdmin(ImportMixin, DeviceAdmin):
+    resource_classes = [DeviceProvisionResource]
+    import_form_class = ProvisionImportForm
+    formats = [base_formats.CSV, base_formats.JSON]

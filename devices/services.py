@@ -193,7 +193,7 @@ def certificate_crl_renew(
         assert current.next_update_utc is not None
         _publish_public(out_dir)
         return CrlRenewal(path, False, "current", len(revoked), current.next_update_utc, False)
-    pki.build_crl(out_dir, revoked, days=days, passphrase=passphrase or _passphrase())
+    pki.build_crl(out_dir, revoked, days=days, passphrase=passphrase or passphrase_from_env())
     _publish_public(out_dir)
     next_update = pki.load_crl(path).next_update_utc
     assert next_update is not None
@@ -216,8 +216,9 @@ def _publish_public(out_dir: Path) -> None:
         pki.publish_public_files(out_dir, Path(settings.ARGUS_PKI_PUBLIC_DIR))
 
 
-def _passphrase() -> bytes | None:
-    """The CA key passphrase from the environment (ARGUS_PKI_PASSPHRASE), for unattended renewal."""
+def passphrase_from_env() -> bytes | None:
+    """The CA key passphrase from the environment (ARGUS_PKI_PASSPHRASE), never from a command line
+    (which ps shows): for unattended renewal and the commands."""
     value = os.environ.get(pki.PASSPHRASE_ENV, "")
     return value.encode("utf-8") if value else None
 

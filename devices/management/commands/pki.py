@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -13,15 +12,9 @@ from django_tenants.utils import schema_context
 from argus.models import DeviceRegistration
 from devices import pki
 from devices.models import Device, DeviceCertificate
-from devices.services import certificate_crl_publish, certificate_issue, certificate_revoke
+from devices.services import certificate_crl_publish, certificate_issue, certificate_revoke, passphrase_from_env
 
 PASSPHRASE_ENV = pki.PASSPHRASE_ENV
-
-
-def _passphrase() -> bytes | None:
-    """Return the CA key passphrase from the environment (never a command-line argument, which ps shows)."""
-    value = os.environ.get(PASSPHRASE_ENV, "")
-    return value.encode("utf-8") if value else None
 
 
 def _tenant_schema(logical_id: str, tenant: str | None) -> str:
@@ -110,17 +103,17 @@ class Command(BaseCommand):
             out,
             common_name=options["common_name"],
             days=options["days"],
-            passphrase=_passphrase(),
+            passphrase=passphrase_from_env(),
             force=options["force"],
         )
         self._say(f"CA {ca.subject_cn!r} valid until {ca.not_after:%Y-%m-%d}: {ca.cert_path} (key {ca.key_path})")
 
     def _issue_server(self, out: Path, options: dict[str, Any]) -> None:
-        cert = pki.issue_server(out, options["hosts"], days=options["days"], passphrase=_passphrase())
+        cert = pki.issue_server(out, options["hosts"], days=options["days"], passphrase=passphrase_from_env())
         self._say(f"server certificate for {', '.join(options['hosts'])}: {cert.cert_path} (key {cert.key_path})")
 
     def _issue_client(self, out: Path, options: dict[str, Any]) -> None:
-        cert = pki.issue_client(out, options["name"], days=options["days"], passphrase=_passphrase())
+        cert = pki.issue_client(out, options["name"], days=options["days"], passphrase=passphrase_from_env())
         self._say(f"client certificate CN={cert.subject_cn}: {cert.cert_path} (key {cert.key_path})")
 
     def _issue_device(self, out: Path, options: dict[str, Any]) -> None:
@@ -131,7 +124,8 @@ class Command(BaseCommand):
                 device = Device.objects.get(logical_identifier=logical_id)
             except Device.DoesNotExist:
                 raise CommandError(f"no device {logical_id!r} in tenant {schema!r}") from None
-            record = certificate_issue(device=device, out_dir=out, days=options["days"], passphrase=_passphrase())
+            passphrase = passphrase_from_env()
+            record = certificate_issue(device=device, out_dir=out, days=options["days"], passphrase=passphrase)
         device_dir = out / pki.DEVICES_DIR / logical_id
         self._say(f"issued certificate for {logical_id} (tenant {schema})")
         self._say(f"  serial      {record.serial_number}")
@@ -157,12 +151,12 @@ class Command(BaseCommand):
         for certificate in revoked:
             self._say(f"revoked {logical_id} serial {certificate.serial_number}")
         days = options["crl_days"] or settings.ARGUS_CRL_DAYS
-        path, count = certificate_crl_publish(out_dir=out, days=days, passphrase=_passphrase())
+        path, count = certificate_crl_publish(out_dir=out, days=days, passphrase=passphrase_from_env())
         self._say(f"CRL {path} lists {count} serial(s); {self._reload()}")
 
     def _crl(self, out: Path, options: dict[str, Any]) -> None:
         days = options["days"] or settings.ARGUS_CRL_DAYS
-        path, count = certificate_crl_publish(out_dir=out, days=days, passphrase=_passphrase())
+        path, count = certificate_crl_publish(out_dir=out, days=days, passphrase=passphrase_from_env())
         self._say(f"CRL {path} lists {count} serial(s), valid {days} day(s); {self._reload()}")
 
     @staticmethod
@@ -180,7 +174,7 @@ class Command(BaseCommand):
             port=options["port"],
             bind=options["bind"],
             bridge_username=options["bridge_username"] or ["argus-bridge"],
-            passphrase=_passphrase(),
+            passphrase=passphrase_from_env(),
         )
         self._say(f"listener config {conf} and ACL {out.resolve() / pki.ACL_FILE}")
         self._say(
