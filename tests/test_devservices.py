@@ -240,3 +240,51 @@ def test_it_exits_with_the_command_exit_code(shared_tmp: Path) -> None:
         timeout=120,
     )
     assert result.returncode == 7, result.stdout + result.stderr
+
+
+# --------------------------------------------------------------------------- what answers must be usable
+
+
+def test_it_names_the_fix_when_a_foreign_postgres_refuses_the_credentials(shared_tmp: Path) -> None:
+    with start_postgres(workdir=shared_tmp / "pg", settings={"fsync": "off"}) as server:
+        env = {**os.environ, "ARGUS_RUN_DIR": str(shared_tmp / "run")}
+        env["DATABASE_URL"] = f"postgresql://not_a_role:secret@127.0.0.1:{server.port}/argus"
+        with pytest.raises(DevServiceError) as refused:
+            devservices.up(env, echo=lambda _: None)
+    message = str(refused.value)
+    assert f"127.0.0.1:{server.port} does not accept DATABASE_URL" in message
+    assert "not_a_role" in message and "secret" not in message
+    assert "DATABASE_URL=postgresql://postgres@127.0.0.1:5433/argus" in message
+
+
+def test_it_refuses_a_nats_server_without_jetstream() -> None:
+    with start_nats(jetstream=False) as server:
+        with pytest.raises(DevServiceError, match=r"without JetStream.*-js.*NATS_URL"):
+            devservices.nats.check_running(server.url)
+    with start_nats() as server:
+        devservices.nats.check_running(server.url)
+    with start_redis() as server, pytest.raises(DevServiceError, match="not a NATS server"):
+        devservices.nats.check_running(f"nats://127.0.0.1:{server.port}")
+
+
+def test_it_names_the_fix_when_redis_wants_a_password() -> None:
+    with start_redis(password="s3cret") as server:
+        devservices.redis.check_running(server.url)
+        with pytest.raises(DevServiceError, match=r"refuses REDIS_URL's credentials.*redis://:PASSWORD@"):
+            devservices.redis.check_running(f"redis://127.0.0.1:{server.port}/0")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="PostgreSQL runs as the postgres user only when we are root")
+def test_it_runs_postgres_for_a_checkout_the_postgres_user_cannot_enter(shared_tmp: Path) -> None:
+    home = shared_tmp / "root-home"
+    home.mkdir(mode=0o700)  # root's home on many machines
+    workdir = home / "argus" / ".run" / "postgres-5432"
+    with start_postgres(workdir=workdir, settings={"fsync": "off"}) as server:
+        with psycopg.connect(server.url) as conn:
+            assert conn.execute("select 1").fetchone() == (1,)
+        assert server.workdir != workdir and str(server.workdir).startswith(("/var/tmp/", "/tmp/"))
+        assert str(server.workdir) in (workdir / "DATA_IS_ELSEWHERE").read_text()
+    # The same checkout finds its data there again.
+    with start_postgres(workdir=workdir, settings={"fsync": "off"}) as again:
+        assert again.workdir == server.workdir
+    subprocess.run(["rm", "-rf", str(server.workdir)], check=False)

@@ -21,9 +21,9 @@ from pytest_django.fixtures import SettingsWrapper
 
 from argus.models import DeviceAPIKey, DeviceRegistration
 from assets.models import Asset, AssetDevice, AssetType
+from assets.provisioning import ProvisionFileError, provision_devices, read_rows
 from devices import pki
 from devices.models import Device, DeviceRole, DeviceType, ProcessingMode
-from assets.provisioning import ProvisionFileError, provision_devices, read_rows
 from tests.conftest import TenantPersona, make_device, make_device_type, tenant_admin_client, unique_id
 
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 from collections.abc import Sequence
 from pathlib import Path
-from urllib.parse import SplitResult, unquote
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from argus.environment import DEFAULT_SERVICE_URLS
 from devtools.services.base import (
     READY_TIMEOUT,
+    DevServiceError,
     ServerHandle,
     Service,
     _claim_port,
@@ -83,4 +86,37 @@ def _start_at(parts: SplitResult, host: str, port: int, workdir: Path) -> Server
     return start_nats(port, workdir, host=host, token=unquote(parts.username) if parts.username else None)
 
 
-SERVICE = Service("nats", "NATS_URL", DEFAULT_SERVICE_URLS["NATS_URL"], INSTALL_HINT, _start_at)
+def check_running(url: str) -> None:
+    """What answers at NATS_URL is a NATS server with JetStream (its INFO line says so)."""
+    parts = urlsplit(url)
+    where = f"{parts.hostname}:{parts.port or 4222}"
+    free = "point NATS_URL at a free port in .env (e.g. NATS_URL=nats://127.0.0.1:4223) and the helper starts one"
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 4222), timeout=3) as sock:
+            sock.settimeout(3)
+            data = b""
+            # A NATS server speaks first (INFO); silence means something else listens there.
+            with contextlib.suppress(TimeoutError):
+                while b"\r\n" not in data and len(data) < 65536:
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+    except OSError as exc:
+        raise DevServiceError(f"nats: cannot talk to {where}: {exc}") from exc
+    if not data.startswith(b"INFO "):
+        raise DevServiceError(f"nats: what answers at {where} is not a NATS server; {free}")
+    try:
+        info = json.loads(data[5:].split(b"\r\n", 1)[0])
+    except ValueError as exc:
+        raise DevServiceError(f"nats: the server at {where} sent an unreadable INFO line; {free}") from exc
+    if not info.get("jetstream"):
+        raise DevServiceError(
+            f"nats: the server at {where} runs without JetStream, which Argus stores every message in: "
+            f"start it with -js (and a store directory, -sd), or {free}"
+        )
+
+
+SERVICE = Service(
+    "nats", "NATS_URL", DEFAULT_SERVICE_URLS["NATS_URL"], INSTALL_HINT, _start_at, when_running=check_running
+)

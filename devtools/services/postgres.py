@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pwd
 import shutil
 import signal
+import stat
 import subprocess
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
@@ -66,17 +69,41 @@ def _postgres_account() -> tuple[int, int] | None:
     return entry.pw_uid, entry.pw_gid
 
 
-def _check_traversable(path: Path, uid: int) -> None:
-    """Fail clearly if the postgres user cannot reach path (a parent dir is closed to it)."""
+def _closed_parent(path: Path, uid: int) -> Path | None:
+    """The first directory on the way to path that the user cannot enter, or None."""
     for parent in [path, *path.parents]:
         st = parent.stat()
-        if st.st_uid == uid:
-            continue
-        if not st.st_mode & 0o001:
-            raise DevServiceError(
-                f"postgres: user uid={uid} cannot enter {parent} (mode {oct(st.st_mode & 0o777)}); "
-                "choose a run directory it can reach"
-            )
+        if st.st_uid != uid and not st.st_mode & 0o001:
+            return parent
+    return None
+
+
+def _reachable_workdir(workdir: Path, uid: int, gid: int) -> Path:
+    """workdir, or, when the postgres user cannot reach it (a checkout in root's 0700 home), a
+    directory of its own under /var/tmp named after it, so the same checkout finds it again."""
+    closed = _closed_parent(workdir, uid)
+    if closed is None:
+        return workdir
+    digest = hashlib.sha256(str(workdir.resolve()).encode()).hexdigest()[:12]
+    base = Path("/var/tmp") if Path("/var/tmp").is_dir() else Path(tempfile.gettempdir())  # noqa: S108 - checked below
+    shadow = base / f"argus-postgres-{digest}"
+    shadow.mkdir(mode=0o700, exist_ok=True)
+    # A shared directory: the name is predictable, so it must be a real directory that we (or the
+    # postgres user, from an earlier run) own, never something another user put there.
+    st = os.lstat(shadow)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid not in (os.geteuid(), uid):
+        raise DevServiceError(f"postgres: {shadow} exists and is not ours; remove it or set ARGUS_RUN_DIR")
+    os.chown(shadow, uid, gid, follow_symlinks=False)
+    still = _closed_parent(shadow, uid)
+    if still is not None:
+        raise DevServiceError(
+            f"postgres: user uid={uid} can enter neither {closed} nor {still}; set ARGUS_RUN_DIR to a "
+            "directory it can reach"
+        )
+    (workdir / "DATA_IS_ELSEWHERE").write_text(
+        f"The postgres user cannot enter {closed}: this server's data and log are in {shadow}\n"
+    )
+    return shadow
 
 
 def postgres_settings(source: Path | None = None) -> dict[str, str]:
@@ -119,7 +146,8 @@ def start_postgres(
         uid, gid = account
         kwargs = RunAs(user=uid, group=gid, extra_groups=[])
         os.chown(workdir, uid, gid)
-        _check_traversable(workdir, uid)
+        workdir = _reachable_workdir(workdir, uid, gid)
+        datadir, log_path = workdir / "data", workdir / "postgres.log"
     if not (datadir / "PG_VERSION").exists():
         # --no-sync: a throwaway dev cluster does not need initdb's fsync (saves seconds).
         initdb = [
@@ -210,7 +238,21 @@ def ensure_database(url: str) -> bool:
             return False
         except psycopg.OperationalError as exc:
             last_error = exc
-    raise DevServiceError(f"postgres: cannot connect to create database {dbname!r}: {last_error}")
+    where = f"{parts.hostname}:{parts.port or 5432}"
+    raise DevServiceError(
+        f"postgres: the server at {where} does not accept DATABASE_URL ({_without_password(parts)}): "
+        f"{str(last_error).strip()}\n"
+        "If it is not a PostgreSQL meant for Argus (a system one on 5432, say), point DATABASE_URL at "
+        "a free port in .env, e.g. DATABASE_URL=postgresql://postgres@127.0.0.1:5433/argus, and the "
+        "helper starts a private server there; otherwise give the URL a user and password it accepts "
+        "(that user must be allowed to create the database, or create it first)."
+    )
+
+
+def _without_password(parts: SplitResult) -> str:
+    netloc = parts.netloc.rpartition("@")
+    user = netloc[0].partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}@{netloc[2]}" if user else netloc[2]))
 
 
 def _start_at(parts: SplitResult, host: str, port: int, workdir: Path) -> ServerHandle:

@@ -4,7 +4,7 @@ queued tasks survive a restart."""
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import SplitResult, unquote
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from argus.environment import DEFAULT_SERVICE_URLS
 from devtools.services.base import (
@@ -68,4 +68,27 @@ def _start_at(parts: SplitResult, host: str, port: int, workdir: Path) -> Server
     return start_redis(port, workdir, host=host, password=unquote(parts.password) if parts.password else None)
 
 
-SERVICE = Service("redis", "REDIS_URL", DEFAULT_SERVICE_URLS["REDIS_URL"], INSTALL_HINT, _start_at)
+def check_running(url: str) -> None:
+    """What answers at REDIS_URL is a Redis that takes the URL's credentials."""
+    import redis
+
+    parts = urlsplit(url)
+    where = f"{parts.hostname}:{parts.port or 6379}"
+    try:
+        redis.Redis.from_url(url, socket_timeout=3, socket_connect_timeout=3).ping()
+    except redis.AuthenticationError as exc:
+        raise DevServiceError(
+            f"redis: the server at {where} refuses REDIS_URL's credentials ({exc}); put its password in the "
+            "URL (redis://:PASSWORD@host:port/0), or point REDIS_URL at a free port in .env "
+            "(e.g. REDIS_URL=redis://127.0.0.1:6380/0) and the helper starts a private one"
+        ) from exc
+    except redis.RedisError as exc:
+        raise DevServiceError(
+            f"redis: what answers at {where} does not behave as Redis ({exc}); point REDIS_URL at a free "
+            "port in .env (e.g. REDIS_URL=redis://127.0.0.1:6380/0) and the helper starts one"
+        ) from exc
+
+
+SERVICE = Service(
+    "redis", "REDIS_URL", DEFAULT_SERVICE_URLS["REDIS_URL"], INSTALL_HINT, _start_at, when_running=check_running
+)
