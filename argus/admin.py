@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+from django import forms
 from django.contrib import admin, messages
+from django.core.paginator import Paginator
+from django.db import models
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from django.utils.functional import cached_property
 from django_tenants.utils import get_public_schema_name
 from rest_framework.authtoken.admin import TokenAdmin
 from rest_framework.authtoken.models import TokenProxy
@@ -22,10 +27,40 @@ def on_public_schema() -> bool:
     return current_schema() == get_public_schema_name()
 
 
+class PrettyJSONWidget(forms.Textarea):
+    """A JSON field edited as indented JSON in a monospace box (device types' schemas, metadata)."""
+
+    def __init__(self, attrs: dict[str, Any] | None = None) -> None:
+        super().__init__(attrs={"rows": 14, "cols": 90, "style": "font-family: monospace", **(attrs or {})})
+
+    def format_value(self, value: Any) -> str | None:
+        text = super().format_value(value)
+        if not text:
+            return text
+        try:
+            return json.dumps(json.loads(text), indent=2, ensure_ascii=False)
+        except ValueError:
+            return text  # what the user typed, refused by the field: shown as typed
+
+
+class BoundedCountPaginator(Paginator):
+    """Counts at most COUNT_LIMIT rows: a list over millions of rows (the raw audit trail) must
+    not count them all on every page view. Beyond the limit the admin shows "10,000+" pages' worth;
+    filters and search narrow it down."""
+
+    COUNT_LIMIT = 10_000
+
+    @cached_property
+    def count(self) -> int:
+        rows: QuerySet[Any] = self.object_list  # type: ignore[assignment]  # the admin pages querysets
+        return int(rows[: self.COUNT_LIMIT + 1].count())
+
+
 class SchemaScopedAdmin(admin.ModelAdmin[Any]):
     """Shows a model only on the sites whose schema holds its table (public or tenant)."""
 
     public_only = False
+    formfield_overrides = {models.JSONField: {"widget": PrettyJSONWidget}}
 
     def _on_its_schema(self) -> bool:
         return on_public_schema() == self.public_only

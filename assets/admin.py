@@ -13,6 +13,7 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from django.utils.html import format_html, format_html_join
 from import_export import fields, resources
 from import_export.admin import ImportMixin
 from import_export.formats import base_formats
@@ -36,6 +37,7 @@ from assets.provisioning import COLUMNS, ProvisionFileError, check_row_count, pr
 from assets.tasks import send_followups
 from devices.admin import DeviceAdmin
 from devices.models import Device
+from telemetry.selectors import latest_readings, metrics_of_device
 
 
 @admin.register(AssetType)
@@ -274,7 +276,24 @@ admin.site.unregister(Device)
 
 
 @admin.register(Device)
-class ProvisioningDeviceAdmin(ImportMixin, DeviceAdmin):
+class FleetDeviceAdmin(ImportMixin, DeviceAdmin):
+    """The device admin with what this layer knows: the import and the latest readings."""
+
     resource_classes = [DeviceProvisionResource]
     import_form_class = ProvisionImportForm
     formats = [base_formats.CSV, base_formats.JSON]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> tuple[str, ...]:
+        return (*super().get_readonly_fields(request, obj), "latest_readings")
+
+    @admin.display(description="latest readings")
+    def latest_readings(self, obj: Device) -> str:
+        """Each metric's newest stored reading, by device time."""
+        if obj.pk is None:
+            return "-"
+        newest = latest_readings({obj.pk: metrics_of_device(obj.pk)}).get(obj.pk, {})
+        if not newest:
+            return "No readings stored."
+        cells = ((metric, value, time.isoformat()) for metric, (time, value) in sorted(newest.items()))
+        rows = format_html_join("", "<tr><td>{}</td><td>{}</td><td>{}</td></tr>", cells)
+        return format_html("<table><tr><th>metric</th><th>value</th><th>device time</th></tr>{}</table>", rows)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.db import transaction
+from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
 
 from argus.admin import TenantOnlyAdmin
-from devices.models import Device, DeviceCertificate, DeviceType
+from argus.registry import current_schema
+from devices.models import Device, DeviceCertificate, DeviceType, crl_renew_after_commit
+from devices.services import api_key_create, api_key_revoke, certificate_revoke
 
 
 @admin.register(DeviceType)
@@ -38,3 +44,36 @@ class DeviceAdmin(TenantOnlyAdmin):
     raw_id_fields = ("parent_device",)
     readonly_fields = ("last_seen", "created_at", "updated_at")
     inlines = [CertificateInline]
+    actions = ["issue_api_keys", "revoke_api_keys", "revoke_certificates"]
+    # Keys are shown on the page that issues them: at most this many devices at once.
+    MAX_KEYS_AT_ONCE = 100
+
+    @admin.action(description="Issue an HTTP API key for each (shown once)", permissions=["change"])
+    def issue_api_keys(self, request: HttpRequest, queryset: QuerySet[Device]) -> HttpResponse | None:
+        devices = list(queryset.order_by("logical_identifier")[: self.MAX_KEYS_AT_ONCE + 1])
+        if len(devices) > self.MAX_KEYS_AT_ONCE:
+            self.message_user(request, f"Select at most {self.MAX_KEYS_AT_ONCE} devices.", messages.ERROR)
+            return None
+        issued = []
+        for device in devices:
+            api_key, key = api_key_create(logical_id=device.logical_identifier, tenant_schema=current_schema())
+            issued.append((device.logical_identifier, api_key.prefix, key))
+        context = {**self.admin_site.each_context(request), "title": "API keys issued", "issued": issued}
+        response = TemplateResponse(request, "admin/devices/device/api_keys.html", context)
+        response["Cache-Control"] = "no-store"  # a key in the browser's cache would outlive the page
+        return response
+
+    @admin.action(description="Revoke the devices' API keys", permissions=["change"])
+    def revoke_api_keys(self, request: HttpRequest, queryset: QuerySet[Device]) -> None:
+        schema = current_schema()
+        count = sum(api_key_revoke(logical_id=d.logical_identifier, tenant_schema=schema) for d in queryset)
+        self.message_user(request, f"Revoked {count} API key(s).", messages.SUCCESS)
+
+    @admin.action(description="Revoke the devices' certificates (the broker's CRL is rebuilt)", permissions=["change"])
+    def revoke_certificates(self, request: HttpRequest, queryset: QuerySet[Device]) -> None:
+        reason = f"revoked in the admin by {request.user}"[:64]
+        with transaction.atomic():
+            revoked = [c for device in queryset for c in certificate_revoke(device=device, reason=reason)]
+            if revoked:
+                crl_renew_after_commit()
+        self.message_user(request, f"Revoked {len(revoked)} certificate(s).", messages.SUCCESS)

@@ -253,11 +253,16 @@ def api_key_create(
     return api_key, key
 
 
-def api_key_revoke(*, logical_id: str | None = None, prefix: str | None = None) -> int:
-    """Revoke the key with this prefix, or every unrevoked key of a device; returns how many."""
+def api_key_revoke(
+    *, logical_id: str | None = None, prefix: str | None = None, tenant_schema: str | None = None
+) -> int:
+    """Revoke the key with this prefix, or every unrevoked key of a device (of one tenant's, when
+    named: a tenant's admin touches only its own keys); returns how many."""
     if logical_id is None and prefix is None:
         raise ValueError("name a device or a key prefix")
     keys = DeviceAPIKey.objects.filter(revoked=False)
+    if tenant_schema is not None:
+        keys = keys.filter(tenant__schema_name=tenant_schema)
     if logical_id is not None:
         keys = keys.filter(logical_identifier=logical_id)
     if prefix is not None:
