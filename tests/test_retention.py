@@ -5,6 +5,7 @@ transaction that is rolled back, the partitions it made and dropped included."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
@@ -25,12 +26,14 @@ from telemetry.messages import IncomingMessage
 from telemetry.models import TelemetryChunk, TelemetryRaw, TelemetryTransaction, TransactionStatus
 from telemetry.profiles import ProfileCache
 from telemetry.retention import RetentionReport, retention_apply
-from telemetry.tasks import retention_tenant
+from telemetry.tasks import partitions_ensure, retention_tenant
 from tests.conftest import TenantPersona, _ensure_tenant, make_device, make_device_type, unique_id
 
 READINGS_PER_MESSAGE = 2
 # Messages stored on each of the three days (2, 3 and 4: told apart in the counts).
 PER_DAY = {3: 2, 2: 3, 1: 4}
+# Farther ahead than the migration and the beat task go, so the test makes the last days.
+PARTITION_TEST_DAYS_AHEAD = 20
 
 
 @pytest.fixture(scope="module")
@@ -271,6 +274,29 @@ def test_it_prunes_finished_transactions_older_than_the_retention(in_tenant: Any
     assert old_complete.pk not in left
 
 
+def test_it_creates_raw_partitions_ahead_as_for_history(in_tenant: Any) -> None:
+    in_tenant("own")
+    ahead = PARTITION_TEST_DAYS_AHEAD
+    assert partitions_ensure(ahead) >= 2  # the farthest day of each table is new
+    last = today() + timedelta(days=ahead)
+    for table in ("telemetry_raw", "telemetry_history"):
+        assert f"{table}_p{last:%Y%m%d}" in partitions(table)
+    part = f"telemetry_raw_p{last:%Y%m%d}"
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT indexdef FROM pg_indexes WHERE schemaname = current_schema() AND tablename = %s "
+            "AND indexdef LIKE 'CREATE UNIQUE%%'",
+            [part],
+        )
+        assert sorted(row[0].split(" USING ")[1] for row in cursor.fetchall()) == [
+            "btree (id, received_at)",
+            "btree (ingest_key)",
+        ]
+        cursor.execute("SELECT tgname FROM pg_trigger WHERE tgrelid = %s::regclass ORDER BY 1", [part])
+        assert [row[0] for row in cursor.fetchall()] == ["telemetry_raw_no_truncate", "telemetry_raw_no_update_delete"]
+    assert partitions_ensure(ahead) == 0
+
+
 # --- Redeliveries across midnight (telemetry/storage.py) --------------------------------------
 
 
@@ -323,3 +349,40 @@ def test_it_looks_across_midnight_only_within_the_window(in_tenant: Any) -> None
         messages=[message(device, boundary + timedelta(minutes=5), msg_id="m-1")], profiles=profiles
     ).accepted
     assert TelemetryRaw.objects.filter(logical_identifier=device.logical_identifier).count() == 2
+
+
+def test_it_stores_copies_stored_at_once_on_both_sides_of_midnight_once(live_db: None, alpha: TenantPersona) -> None:
+    # Two runingest processes, each with one copy: the first holds its transaction open; the
+    # second waits for the first's lock on the key, then finds its row. (Committed: raw rows
+    # cannot be cleaned up, so this runs in alpha, whose rows no count here depends on.)
+    connection.set_tenant(alpha.tenant)  # type: ignore[attr-defined]
+    device = make_device(make_device_type())
+    boundary = midnight(today())
+    first_stored = threading.Event()
+    release = threading.Event()
+    outcome: dict[str, int] = {}
+
+    def store(name: str, at: datetime, hold: bool) -> None:
+        connection.set_tenant(alpha.tenant)  # type: ignore[attr-defined]
+        try:
+            with transaction.atomic():
+                result = ingest_batch(messages=[message(device, at, msg_id="m-1")], profiles=ProfileCache())
+                outcome[name] = result.accepted
+                if hold:
+                    first_stored.set()
+                    release.wait(10)
+        finally:
+            connection.close()
+
+    first = threading.Thread(target=store, args=("first", boundary - timedelta(seconds=5), True))
+    second = threading.Thread(target=store, args=("second", boundary + timedelta(seconds=5), False))
+    first.start()
+    assert first_stored.wait(10)
+    second.start()
+    second.join(1.0)
+    assert second.is_alive(), "the second copy did not wait for the first's transaction"
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert outcome == {"first": 1, "second": 0}
+    assert TelemetryRaw.objects.filter(logical_identifier=device.logical_identifier).count() == 1
