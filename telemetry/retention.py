@@ -142,7 +142,7 @@ def _partitions(table: str) -> list[tuple[str, datetime | None]]:
             WHERE i.inhparent = to_regclass(%s)
             ORDER BY 2 NULLS LAST
             """,
-            [f'"{current_schema()}".{table}'],
+            [table],
         )
         return [(name, upper) for name, upper in cursor.fetchall()]
 
