@@ -10,9 +10,11 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
+from unittest import mock
 
 import orjson
 import pytest
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import connection, transaction
 from django.test import override_settings
@@ -20,14 +22,14 @@ from django.utils import timezone
 from prometheus_client import REGISTRY
 
 from argus.models import Organization
-from argus.registry import use_public_schema
+from argus.registry import current_schema, use_public_schema
 from devices.models import Device
 from telemetry.ingest import ingest_batch
 from telemetry.messages import IncomingMessage
 from telemetry.models import TelemetryChunk, TelemetryRaw, TelemetryTransaction, TransactionStatus
 from telemetry.profiles import ProfileCache
 from telemetry.retention import RetentionReport, retention_apply
-from telemetry.tasks import partitions_ensure, retention_tenant
+from telemetry.tasks import partitions_ensure, retention_all, retention_tenant
 from tests.conftest import TenantPersona, _ensure_tenant, make_device, make_device_type, unique_id
 
 READINGS_PER_MESSAGE = 2
@@ -212,6 +214,16 @@ def test_it_keeps_the_tenants_own_retention_or_else_the_platforms(in_tenant: Any
     assert (summary["raw_rows"], summary["history_rows"]) == (5, 10)
     assert rows_per_day("telemetry_raw", "received_at") == {1: 4}
     assert rows_per_day("telemetry_history", "time") == {1: 8}
+
+
+def test_it_runs_in_every_tenant_from_beat(db: None, retention_tenants: dict[str, TenantPersona]) -> None:
+    assert settings.CELERY_BEAT_SCHEDULE["retention"]["task"] == "telemetry.tasks.retention_all"
+    schemas: list[str] = []
+    with mock.patch.object(retention_tenant, "delay", side_effect=lambda: schemas.append(current_schema())):
+        count = retention_all()
+    assert count == len(schemas)
+    assert {"retention_own", "retention_platform"} <= set(schemas)
+    assert "public" not in schemas
 
 
 def test_it_refuses_a_retention_out_of_bounds() -> None:
@@ -423,7 +435,7 @@ INSERT_RAW = (
 )
 
 
-def test_the_migration_keeps_every_row_of_the_table_it_partitions(db: None) -> None:
+def test_it_keeps_every_row_of_the_raw_table_it_partitions(db: None) -> None:
     migration = importlib.import_module("telemetry.migrations.0006_raw_partitions")
     append_only = importlib.import_module("telemetry.migrations.0002_history_partitions_raw_append_only")
     days = [midnight(today() - timedelta(days=d)) + timedelta(hours=3) for d in (3, 1, 0)]
@@ -462,6 +474,10 @@ def test_the_migration_keeps_every_row_of_the_table_it_partitions(db: None) -> N
         for statement in ("UPDATE telemetry_raw_legacy SET reason = 'x'", "TRUNCATE telemetry_raw_legacy"):
             with pytest.raises(Exception, match="append-only"), transaction.atomic():
                 cursor.execute(statement)
+
+        # The hourly upkeep makes only the days the former table does not cover.
+        cursor.execute("SELECT telemetry_raw_ensure_partitions(%s, 11)", [today() - timedelta(days=1)])
+        assert cursor.fetchone() == (1,)
 
         # The former table goes whole once its last day (today) is older than the retention.
         kept = retention_apply(retention_days=2)
