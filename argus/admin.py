@@ -100,7 +100,7 @@ class DomainInline(admin.TabularInline[Domain, Organization]):
 
 @admin.register(Organization)
 class OrganizationAdmin(PublicOnlyAdmin):
-    list_display = ("name", "schema_name", "created_at")
+    list_display = ("name", "schema_name", "retention_days", "created_at")
     search_fields = ("name", "schema_name")
     inlines = [DomainInline]
 

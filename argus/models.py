@@ -5,10 +5,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.utils import timezone
 from django_tenants.models import DomainMixin, TenantMixin
 from rest_framework_api_key.models import AbstractAPIKey
+
+# Ten years: a retention beyond it is a typo (and at one partition a day, 3,650 tables a table).
+RETENTION_MAX_DAYS = 3650
 
 
 class Organization(TenantMixin):
@@ -16,6 +21,13 @@ class Organization(TenantMixin):
 
     name: models.CharField[str, str] = models.CharField(max_length=200)
     created_at: models.DateTimeField[datetime, datetime] = models.DateTimeField(auto_now_add=True)
+    # Days of telemetry (history and raw) kept; empty: the platform's ARGUS_RETENTION_DAYS.
+    retention_days: models.PositiveIntegerField[int | None, int | None] = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1), MaxValueValidator(RETENTION_MAX_DAYS)],
+        help_text="Days of telemetry kept (history and raw messages). Empty: the platform default.",
+    )
 
     auto_create_schema = True
 
@@ -24,6 +36,11 @@ class Organization(TenantMixin):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.schema_name})"
+
+    @property
+    def effective_retention_days(self) -> int:
+        """Days of telemetry kept for this tenant: its own setting, else the platform's."""
+        return self.retention_days or int(settings.ARGUS_RETENTION_DAYS)
 
     def delete(self, force_drop: bool = False, *args: Any, **kwargs: Any) -> Any:
         # The tenant's certificates must not outlive it: another tenant may register its ids next.

@@ -424,6 +424,16 @@ CELERY_BEAT_SCHEDULE["chunks-sweep"] = {
     "schedule": ARGUS_CHUNK_SWEEP_SECONDS,
 }
 
+# --- Retention (telemetry/retention.py; docs/retention.md) --------------------------------------
+# Days of history and raw messages kept, for tenants without their own `retention_days`. The beat
+# task drops whole daily partitions once all of their rows are older, every this many seconds.
+ARGUS_RETENTION_DAYS = env_int("ARGUS_RETENTION_DAYS", 90)
+ARGUS_RETENTION_SWEEP_SECONDS = env_float("ARGUS_RETENTION_SWEEP_SECONDS", 3600.0)
+# A redelivery of a message (same ingest key) arrives at most this long after the first copy:
+# within it, a copy received across midnight is still recognised (telemetry/storage.py).
+ARGUS_RAW_DEDUPE_WINDOW_SECONDS = env_int("ARGUS_RAW_DEDUPE_WINDOW_SECONDS", 3600)
+CELERY_BEAT_SCHEDULE["retention"] = {"task": "telemetry.tasks.retention_all", "schedule": ARGUS_RETENTION_SWEEP_SECONDS}
+
 # --- Device certificates: CRL renewal and the broker reload hook (docs/device-identity.md) ---
 # Validity of the CRL we sign. OpenSSL refuses every client once it has passed, so the beat task
 # below rebuilds it once less than ARGUS_CRL_RENEW_WITHIN_SECONDS remain (daily with the

@@ -2,7 +2,7 @@
 
 Called by the JetStream consumer inside the tenant's schema. Bad input never raises: each
 message ends as an accepted raw row with its readings, or a rejected raw row with its reason.
-Redelivered messages are absorbed by the unique `ingest_key` of `telemetry_raw`.
+Redelivered messages are absorbed by the `ingest_key` of `telemetry_raw` (telemetry/storage.py).
 """
 
 from __future__ import annotations

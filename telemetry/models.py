@@ -23,9 +23,12 @@ class Transport(models.TextChoices):
 class TelemetryRaw(models.Model):
     """One message as it reached the platform, byte for byte; append-only (enforced by a trigger)."""
 
+    # Range-partitioned by received_at, a partition a UTC day (migration 0006), so that retention
+    # drops whole days (docs/retention.md). The database's primary key is (id, received_at), and
+    # the ingest key is unique within each day's partition (a unique index of a partitioned table
+    # must include its partition key); storage.py looks across midnight for redeliveries.
     # Thousands of inserts a second: every index and check counts. The device's lookups use
-    # telemetry_raw_device_recv_idx; the unique ingest key is a plain unique constraint (a unique
-    # field adds a second, pattern-ops index). No foreign-key constraint in the database: its check
+    # telemetry_raw_device_recv_idx. No foreign-key constraint in the database: its check
     # locks the device's row on every insert (FOR KEY SHARE), which cost more PostgreSQL time than
     # the COPY itself while ingest rewrote last_seen (issue 4). Ingest only stores ids of devices
     # it has just resolved, and PROTECT still keeps the ORM from deleting a device with raw rows.
@@ -47,7 +50,6 @@ class TelemetryRaw(models.Model):
 
     class Meta:
         db_table = "telemetry_raw"
-        constraints = [models.UniqueConstraint(fields=["ingest_key"], name="telemetry_raw_ingest_key_uniq")]
         indexes = [
             models.Index(fields=["device", "-received_at"], name="telemetry_raw_device_recv_idx"),
             # Accepted rows and chunks are the bulk and are found by device (chunks through their
@@ -122,13 +124,17 @@ class TelemetryChunk(models.Model):
     """One chunk of a pending transaction, kept until the transaction completes or expires."""
 
     # Chunks are inserted and deleted over a thousand times a second: one index, the unique
-    # (transaction, index) pair, serves every lookup (raw rows are never deleted).
+    # (transaction, index) pair, serves every lookup. No foreign key to the raw row in the
+    # database: a partitioned table's rows cannot be referenced by id alone (its key includes
+    # received_at), and a chunk goes long before its raw row's day expires.
     transaction = models.ForeignKey(
         TelemetryTransaction, on_delete=models.CASCADE, related_name="chunks", db_index=False
     )
     chunk_index = models.PositiveIntegerField()
     payload = models.BinaryField()
-    raw = models.ForeignKey(TelemetryRaw, on_delete=models.PROTECT, related_name="+", db_index=False)
+    raw = models.ForeignKey(
+        TelemetryRaw, on_delete=models.PROTECT, related_name="+", db_index=False, db_constraint=False
+    )
     received_at = models.DateTimeField()
     expires_at = models.DateTimeField()
 

@@ -1,5 +1,6 @@
 """The storage writer: a batch of prepared messages -> `telemetry_raw` rows and
-`telemetry_history` readings (binary COPY, in the caller's transaction), and `devices.last_seen`
+`telemetry_history` readings (binary COPY, in the caller's transaction; redeliveries absorbed by
+the ingest key, across midnight too), and `devices.last_seen`
 kept to within ARGUS_LAST_SEEN_RESOLUTION_SECONDS (the `devices_heard` hook tells the apps
 above, e.g. assets' last_telemetry_at)."""
 
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import psycopg
 from django.conf import settings
@@ -91,16 +92,61 @@ def _raw_row(key: str, item: Prepared) -> tuple[object, ...]:
     )
 
 
+DAY_SECONDS = 86400
+
+
+def near_midnight(at: datetime, window: float) -> bool:
+    """Whether a copy of a message received at `at` may have been received on the other side of a
+    UTC midnight (at most `window` seconds earlier or later)."""
+    since = at.timestamp() % DAY_SECONDS
+    return since < window or DAY_SECONDS - since <= window
+
+
+def _stored_across_midnight(keys: list[str], earliest: datetime, latest: datetime) -> set[str]:
+    """Which of these ingest keys of messages received near midnight are stored already, on either
+    side of it.
+
+    The ingest key is unique within a day's partition only (docs/retention.md), so a copy
+    redelivered after midnight would not meet its first copy's key. Each key's advisory lock is
+    held to the end of the transaction: two copies stored at once on both sides of midnight take
+    turns, and the second sees the first.
+    """
+    window = timedelta(seconds=settings.ARGUS_RAW_DEDUPE_WINDOW_SECONDS)
+    with connection.cursor() as cursor:
+        # In one order (of the lock ids) in every process, so two batches cannot deadlock.
+        cursor.execute(
+            "SELECT pg_advisory_xact_lock(h) FROM "
+            "(SELECT DISTINCT hashtextextended(k, 0) AS h FROM unnest(%s::text[]) AS k ORDER BY 1) AS locks",
+            [keys],
+        )
+        cursor.execute(
+            "SELECT ingest_key FROM telemetry_raw WHERE ingest_key = ANY(%s::text[]) "
+            "AND received_at >= %s AND received_at < %s",
+            [keys, earliest - window, latest + window],
+        )
+        return {row[0] for row in cursor.fetchall()}
+
+
 def _insert_raw(unique: dict[str, Prepared]) -> dict[str, int]:
     """Insert the raw rows not stored before; ingest key -> raw id.
 
     The common case (nothing stored before) is one COPY straight into the table with ids taken
-    from its sequence. A redelivered message makes that COPY fail on the unique ingest key;
-    then, after rolling back to a savepoint, the batch goes through a staging table and
-    `ON CONFLICT DO NOTHING`.
+    from its sequence. A redelivered message makes that COPY fail on the day partition's unique
+    ingest key; then, after rolling back to a savepoint, the batch goes through a staging table
+    and `ON CONFLICT DO NOTHING`. Messages received within ARGUS_RAW_DEDUPE_WINDOW_SECONDS of
+    midnight are first looked up on both sides of it.
     """
     if not unique:
         return {}
+    window = float(settings.ARGUS_RAW_DEDUPE_WINDOW_SECONDS)
+    near = [key for key, item in unique.items() if near_midnight(item.message.received_at, window)]
+    if near:
+        times = [unique[key].message.received_at for key in near]
+        stored = _stored_across_midnight(near, min(times), max(times))
+        if stored:
+            unique = {key: item for key, item in unique.items() if key not in stored}
+            if not unique:
+                return {}
     try:
         with transaction.atomic(), connection.cursor() as cursor:
             cursor.execute(
@@ -131,7 +177,7 @@ def _insert_raw(unique: dict[str, Prepared]) -> dict[str, int]:
             f"""
             INSERT INTO telemetry_raw (stored_at, {RAW_COLUMNS})
             SELECT clock_timestamp(), {RAW_COLUMNS} FROM ingest_raw_stage
-            ON CONFLICT (ingest_key) DO NOTHING
+            ON CONFLICT DO NOTHING
             RETURNING id, ingest_key
             """
         )

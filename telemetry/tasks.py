@@ -1,4 +1,5 @@
-"""Celery tasks of the telemetry pipeline (thin: they call services in telemetry.chunks)."""
+"""Celery tasks of the telemetry pipeline (thin: they call services in telemetry.chunks and
+telemetry.retention)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ from django.core.cache import cache
 from django.db import connection
 
 from argus.invalidation import register_process_cache
-from argus.registry import current_schema, each_tenant_schema
+from argus.registry import current_schema, current_tenant, each_tenant_schema
 from telemetry import hooks
 from telemetry.chunks import transaction_reassemble, transactions_expire, transactions_unassembled
 from telemetry.live import live_stored
 from telemetry.profiles import ProfileCache
+from telemetry.retention import retention_apply
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +63,13 @@ def chunks_sweep_all() -> int:
 
 
 def partitions_ensure(days_ahead: int) -> int:
-    """Create the daily telemetry_history partitions of the current tenant from yesterday on."""
+    """Create the daily telemetry_history and telemetry_raw partitions of the current tenant from
+    yesterday on."""
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT telemetry_history_ensure_partitions((now() AT TIME ZONE 'UTC')::date - 1, %s)", [days_ahead + 2]
+            "SELECT telemetry_history_ensure_partitions((now() AT TIME ZONE 'UTC')::date - 1, %s) "
+            "+ telemetry_raw_ensure_partitions((now() AT TIME ZONE 'UTC')::date - 1, %s)",
+            [days_ahead + 2, days_ahead + 2],
         )
         row = cursor.fetchone()
         return int(row[0]) if row else 0
@@ -77,3 +82,19 @@ def partitions_ensure_all() -> int:
     for _schema in each_tenant_schema():
         created += partitions_ensure(settings.ARGUS_PARTITION_DAYS_AHEAD)
     return created
+
+
+@shared_task
+def retention_tenant() -> dict[str, int]:
+    """Drop the current tenant's telemetry older than its retention (telemetry.retention)."""
+    return retention_apply(retention_days=current_tenant().effective_retention_days).summary()
+
+
+@shared_task
+def retention_all() -> int:
+    """Run retention in every tenant (from beat, which runs in the public schema)."""
+    count = 0
+    for _schema in each_tenant_schema():
+        retention_tenant.delay()
+        count += 1
+    return count
