@@ -44,8 +44,8 @@ class TelemetryRawAdmin(ReadOnlyAdmin):
     list_filter = ("status", "transport", ("received_at", admin.DateFieldListFilter))
     search_fields = ("logical_identifier",)
     search_help_text = "A device's logical id, or <logical id>/m/<msg_id> for one message."
-    # Newest first by id: the primary key's index gives that order in every partition, where
-    # ordering by received_at would sort each partition whole.
+    # Newest first by id: the primary key (id, received_at) gives that order in every daily
+    # partition (a merge of index scans), where ordering by received_at sorts each partition whole.
     ordering = ("-id",)
     paginator = BoundedCountPaginator
     show_full_result_count = False
