@@ -1,4 +1,5 @@
-"""Request guards of the kernel: the platform admin's host, and tenant-scoped login throttling."""
+"""Request guards of the kernel: the platform admin's host, tenant-scoped login throttling, and the
+tenant named in every log line of a request."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.http.request import split_domain_port
 from django_tenants.middleware.main import TenantMainMiddleware
 
+from argus.logs import begin
 from argus.outage import close_broken_connection, is_database_error
 from argus.problems import database_unavailable, problem_response
 
@@ -32,6 +34,18 @@ class TenantMiddleware(TenantMainMiddleware):
             log.warning("database unavailable for %s: %s", request.path, exc)
             close_broken_connection()
             return problem_response(database_unavailable())
+
+
+def log_context_middleware(
+    get_response: Callable[[HttpRequest], HttpResponse],
+) -> Callable[[HttpRequest], HttpResponse]:
+    """Every line logged while a request is served names its tenant (argus/logs.py)."""
+
+    def middleware(request: HttpRequest) -> HttpResponse:
+        begin(tenant=getattr(getattr(request, "tenant", None), "schema_name", None))
+        return get_response(request)
+
+    return middleware
 
 
 class PlatformAdminHostMiddleware:

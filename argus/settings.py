@@ -14,6 +14,7 @@ import django_stubs_ext
 from django.core.exceptions import ImproperlyConfigured
 
 from argus.environment import DEFAULT_SERVICE_URLS, read_dotenv
+from argus.logs import configure_structlog, logging_config
 
 # Lets generic admin/queryset annotations (ModelAdmin[Model]) run outside type checking.
 django_stubs_ext.monkeypatch()
@@ -187,6 +188,7 @@ SHOW_PUBLIC_IF_NO_TENANT_FOUND = True
 MIDDLEWARE = [
     # django-tenants' TenantMainMiddleware, answering 503 while the database is unavailable.
     "argus.middleware.TenantMiddleware",
+    "argus.middleware.log_context_middleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -286,14 +288,10 @@ ARGUS_TELEMETRY_HOOKS = {
 # Daily partitions of telemetry_history created ahead of time.
 ARGUS_PARTITION_DAYS_AHEAD = env_int("ARGUS_PARTITION_DAYS_AHEAD", 7)
 
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": env("LOG_LEVEL", "INFO")},
-    "loggers": {"django.db.backends": {"level": "WARNING"}},
-}
+# Every process's logs (argus/logs.py): human-readable lines, or one JSON object per line with
+# ARGUS_LOG_FORMAT=json; each names its process and the tenant, device and msg_id it concerns.
+LOGGING = logging_config(fmt=env("ARGUS_LOG_FORMAT", "console"), level=env("LOG_LEVEL", "INFO"))
+configure_structlog()
 
 # JetStream (see telemetry/jetstream.py for what each limit protects).
 ARGUS_STREAM_MAX_BYTES = env_int("ARGUS_STREAM_MAX_BYTES", 8 * 1024**3)

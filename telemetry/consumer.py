@@ -33,6 +33,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from prometheus_client import Counter, Gauge, Histogram
 
+from argus.logs import bound
 from argus.models import Organization
 from argus.outage import close_broken_connection, database_outage, is_database_error
 from telemetry import jetstream as js_defs
@@ -333,7 +334,7 @@ class IngestConsumer:
             if not exists:
                 stored.unknown.extend(deliveries)
                 continue
-            with schema_context(schema):
+            with schema_context(schema), bound(tenant=schema):
                 self._store_schema(schema, deliveries, stored)
         return stored
 
