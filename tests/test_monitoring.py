@@ -144,6 +144,39 @@ def registered_series() -> set[str]:
     return names
 
 
+def registered_labels() -> dict[str, set[str]]:
+    """Series name -> the label names the code gives it (those Prometheus adds, job and instance,
+    not included)."""
+    registered_series()
+    labels: dict[str, set[str]] = {}
+    # A labelled metric without a child yet exports no sample: its declared label names.
+    for collector, names in REGISTRY._collector_to_names.items():
+        for name in names:
+            declared = set(getattr(collector, "_labelnames", ()))
+            labels.setdefault(name, set()).update(declared | ({"le"} if name.endswith("_bucket") else set()))
+    for family in REGISTRY.collect():
+        for sample in family.samples:
+            labels.setdefault(sample.name, set()).update(sample.labels)
+    return labels
+
+
+def promql_label_names(expr: str) -> tuple[list[tuple[str, str]], set[str]]:
+    """The (metric, label) pairs of the expression's selectors, and the labels it groups by."""
+    bare = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    selected = [
+        (metric, label)
+        for metric, matchers in re.findall(r"([A-Za-z_:][\w:]*)\s*\{([^}]*)\}", bare)
+        for label in re.findall(r"([A-Za-z_]\w*)\s*(?:=~|!~|!=|=)", matchers)
+    ]
+    grouped = {
+        label.strip()
+        for group in re.findall(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)", bare)
+        for label in group.split(",")
+        if label.strip()
+    }
+    return selected, grouped
+
+
 # --- The dashboards' JSON and PromQL ------------------------------------------------------------
 
 
@@ -172,6 +205,37 @@ def test_it_reads_only_metrics_the_code_registers() -> None:
     assert not unknown, f"metrics no module registers: {sorted(unknown)}"
 
 
+def test_it_selects_and_groups_by_labels_the_metrics_have() -> None:
+    labels = registered_labels()
+    scrape_labels = {"job", "instance"}
+    wrong = []
+    for name, expr in promql_expressions():
+        selected, grouped = promql_label_names(expr)
+        wrong += [
+            (name, f"{m}{{{label}}}") for m, label in selected if label not in labels.get(m, set()) | scrape_labels
+        ]
+        # A label grouped by must belong to one of the metrics the expression reads.
+        of_metrics = scrape_labels.union(*(labels[m] for m in promql_metric_names(expr) if m in labels))
+        wrong += [(name, f"by ({label}) in {expr}") for label in grouped if label not in of_metrics]
+    assert not wrong, wrong
+
+
+def test_it_matches_label_values_the_code_uses() -> None:
+    """`outcome="accepted"`, `stat="publish_messages_dropped"`, `status=~"expired|failed"`: each
+    value must be a string literal somewhere in the apps' code (a renamed outcome shows here)."""
+    source = "\n".join(p.read_text() for app in METRIC_APPS for p in (ROOT / app).rglob("*.py"))
+    literals = set(re.findall(r"[\"']([\w.-]+)[\"']", source))
+    missing = []
+    for name, expr in promql_expressions():
+        for matchers in re.findall(r"\{([^}]*)\}", expr):
+            for label, op, value in re.findall(r"(\w+)\s*(=~|!~|!=|=)\s*\"([^\"]*)\"", matchers):
+                if label in {"job", "instance"} or "$" in value:
+                    continue
+                values = value.split("|") if op in {"=~", "!~"} else [value]
+                missing += [(name, label, v) for v in values if v not in literals]
+    assert not missing, missing
+
+
 def test_it_finds_the_metric_names_in_promql() -> None:
     expr = (
         "histogram_quantile(0.95, sum by (le) "
@@ -181,6 +245,14 @@ def test_it_finds_the_metric_names_in_promql() -> None:
     assert promql_metric_names(expr) == {"argus_ingest_latency_seconds_bucket", "process_start_time_seconds"}
     assert promql_metric_names("label_values(process_cpu_seconds_total, job)") == {"process_cpu_seconds_total"}
     assert "argus_no_such_metric_total" not in registered_series()
+    assert promql_label_names('sum by (reason, job) (rate(argus_x_total{stat="a", job=~"$job"}[5m]))') == (
+        [("argus_x_total", "stat"), ("argus_x_total", "job")],
+        {"reason", "job"},
+    )
+    labels = registered_labels()
+    assert labels["argus_ingest_messages_total"] == {"outcome"}
+    assert "le" in labels["argus_ingest_latency_seconds_bucket"]
+    assert "generation" in labels["python_gc_collections_total"]
 
 
 def test_it_shows_what_the_issue_asks_for() -> None:
