@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import ipaddress
 import os
+import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,8 @@ SHARED_APPS = [
     "rest_framework",
     "django_filters",
     "drf_spectacular",
+    # Swagger UI's and Redoc's files, served by the app (no CDN): SPECTACULAR_SETTINGS below.
+    "drf_spectacular_sidecar",
     # The hashed-key base of argus.DeviceAPIKey (public schema).
     "rest_framework_api_key",
     "axes",
@@ -190,6 +193,9 @@ MIDDLEWARE = [
     "argus.middleware.TenantMiddleware",
     "argus.middleware.log_context_middleware",
     "django.middleware.security.SecurityMiddleware",
+    # Static files (admin, dashboard, Swagger UI/Redoc) from every web process, DEBUG on or off,
+    # on every host: after the tenant middleware, ahead of sessions, CSRF and the rest.
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -249,7 +255,22 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = BASE_DIR / "staticfiles"
+# Filled by `manage.py collectstatic` (docker/Dockerfile runs it at build time); WhiteNoise serves it
+# with hashed names and far-future caching. In DEBUG and the test suite WhiteNoise reads the apps'
+# static directories instead, so `make demo` and the tests need no collectstatic.
+STATIC_ROOT = Path(env("STATIC_ROOT", str(BASE_DIR / "staticfiles")))
+WHITENOISE_USE_FINDERS = DEBUG or TESTING
+if WHITENOISE_USE_FINDERS:
+    # ... so an uncollected STATIC_ROOT is expected there, not worth WhiteNoise's warning per process.
+    warnings.filterwarnings("ignore", message="No directory at: ", category=UserWarning)
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {
+        "BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"
+        if DEBUG or TESTING
+        else "whitenoise.storage.CompressedManifestStaticFilesStorage"
+    },
+}
 
 REST_FRAMEWORK: dict[str, Any] = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
@@ -267,6 +288,10 @@ SPECTACULAR_SETTINGS = {
     "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "argus.api.problem_responses"],
     # Enum components named by their field where two models' fields share a name.
     "ENUM_NAME_OVERRIDES": {},
+    # Swagger UI (/api/docs/) and Redoc (/api/redoc/) load their files from our static files.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 
 # --- Pipeline -------------------------------------------------------------------------------

@@ -1,7 +1,6 @@
 """URLs of every site: a tenant's (its admin and the API) and the public one (platform admin, API)."""
 
 from django.contrib import admin
-from django.contrib.staticfiles.urls import staticfiles_urlpatterns
 from django.urls import URLPattern, URLResolver, include, path
 
 from argus.urls_api import urlpatterns as api_urlpatterns
@@ -13,7 +12,6 @@ urlpatterns: list[URLPattern | URLResolver] = [
     path("dashboard/", include("dashboard.urls")),
     path("", include(api_urlpatterns)),
 ]
-# With DEBUG on, the admin's CSS and JS are served by any web process (gunicorn too); off: nothing.
-urlpatterns += staticfiles_urlpatterns()
+# Static files are served by WhiteNoise's middleware (argus/settings.py), not by a URL pattern.
 
 handler404 = "argus.views.not_found"

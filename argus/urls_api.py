@@ -1,7 +1,7 @@
 """API and operational endpoints shared by the public and the tenant sites."""
 
 from django.urls import URLPattern, URLResolver, include, path
-from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
 from argus.views import healthz, metrics, readyz
 from telemetry.api.views import TelemetryIngestView
@@ -17,4 +17,10 @@ urlpatterns: list[URLPattern | URLResolver] = [
     path("api/v1/", include("assets.api.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
+    # Our template: drf-spectacular's without its Google Fonts links (no file from another host).
+    path(
+        "api/redoc/",
+        SpectacularRedocView.as_view(url_name="schema", template_name="argus/redoc.html"),
+        name="api-redoc",
+    ),
 ]
