@@ -15,6 +15,9 @@ app = CeleryApp("argus")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
 
+# Task counts and durations, and the worker's /metrics, /healthz, /readyz (signal handlers).
+from argus import celery_metrics  # noqa: E402, F401
+
 
 @worker_process_init.connect
 def _start_worker_process(**kwargs: object) -> None:
