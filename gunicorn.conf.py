@@ -1,18 +1,26 @@
-"""gunicorn's configuration for the web servers (docker/compose.yaml, the Dockerfile, `make demo`):
-the server hooks prometheus-client's multiprocess mode needs (argus/metrics.py).
+"""gunicorn's configuration for the web servers (docker/compose.yaml, the Dockerfile, `make demo`,
+the Procfile): prometheus-client's multiprocess mode, so /metrics adds up every worker's values
+instead of reporting whichever worker the scrape reached (argus/metrics.py).
 
-With PROMETHEUS_MULTIPROC_DIR set, every worker writes its metric values to files in that
-directory and /metrics adds them up. The directory is emptied when the server starts (values of
-an earlier run would otherwise be added to this one's), and an exited worker is marked dead.
-Without the variable both hooks do nothing. The command lines keep their own flags (bind,
-workers); gunicorn also reads this file by itself when started from the project's root.
+Every worker writes its values to files in PROMETHEUS_MULTIPROC_DIR. Unset, this server gets a
+temporary directory of its own (set here, in the master, before any worker starts or imports
+prometheus-client), removed when it exits. The directory is emptied when the server starts
+(values of an earlier run would otherwise be added to this one's) and an exited worker is marked
+dead. The command lines keep their own flags (bind, workers); gunicorn also reads this file by
+itself when started from the project's root.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
+
+_own_directory = ""
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    _own_directory = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="argus-web-metrics-")
 
 
 def on_starting(server: Any) -> None:
@@ -24,7 +32,11 @@ def on_starting(server: Any) -> None:
 
 
 def child_exit(server: Any, worker: Any) -> None:
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import multiprocess
+    from prometheus_client import multiprocess
 
-        multiprocess.mark_process_dead(worker.pid)
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server: Any) -> None:
+    if _own_directory:
+        shutil.rmtree(_own_directory, ignore_errors=True)

@@ -502,14 +502,12 @@ class Demo:
             "--workers",
             "2",
         ]
-        web = sup.add(
+        # gunicorn.conf.py: /metrics adds up the workers' values (prometheus-client multiprocess mode).
+        sup.add(
             "web",
             [*gunicorn, "--config", "gunicorn.conf.py", "--access-logfile", "-", "--graceful-timeout", "10"],
             http_ok(f"http://127.0.0.1:{self.port}/healthz"),
         )
-        # /metrics of the web and of the worker add up their processes (argus/metrics.py); each
-        # server has a directory of its own, which it empties when it starts.
-        web.env = {**self.env, "PROMETHEUS_MULTIPROC_DIR": str(self.log_dir / "metrics-web")}
         # The dashboard's event stream: ASGI under gunicorn (uvicorn's worker class), one process.
         sup.add(
             "live",
@@ -534,6 +532,8 @@ class Demo:
         worker = sup.add(
             "worker", celery("worker", "-c", "2", "-l", "INFO", "-n", f"demo-{os.getpid()}@%h"), log_says(WORKER_READY)
         )
+        # The prefork pool's children count the tasks; the main process's /metrics adds them up
+        # from this directory, which it empties at start (argus/celery_metrics.py).
         worker.env = {**self.env, "PROMETHEUS_MULTIPROC_DIR": str(self.log_dir / "metrics-worker")}
         sup.add(
             "beat", celery("beat", "-l", "INFO", "-s", str(self.log_dir / "celerybeat-schedule")), log_says(BEAT_READY)
