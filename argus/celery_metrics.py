@@ -88,10 +88,12 @@ def _start_server(sender: Any = None, **kwargs: Any) -> None:
         return
     directory = multiprocess_dir()
     if directory:
-        # Values left by an earlier run's processes would be added to this one's.
-        Path(directory).mkdir(parents=True, exist_ok=True)
+        # Values left by an earlier run's processes would be added to this one's; this process's
+        # own files (its metrics were created at import) stay.
+        own = f"_{os.getpid()}.db"
         for stale in Path(directory).glob("*.db"):
-            stale.unlink()
+            if not stale.name.endswith(own):
+                stale.unlink()
     else:
         pool = str(getattr(sender, "pool_cls", "prefork")).lower()
         if not any(name in pool for name in SINGLE_PROCESS_POOLS):
