@@ -28,13 +28,16 @@ from typing import Any
 
 import nats
 import pytest
-from django.test import override_settings
+from django.test import Client, override_settings
+from prometheus_client import REGISTRY
 
 from argus.health import CheckResult, run_checks
 from argus.probes import ProbeServer
 from devtools.services import ServerHandle, free_port, start_nats, start_postgres, start_redis
 from devtools.supervisor import Child
-from telemetry.jetstream import ensure_streams
+from telemetry.consumer import IngestConsumer
+from telemetry.jetstream import ensure_streams, now_ms, telemetry_headers, telemetry_subject
+from tests.conftest import TenantPersona
 from tests.pipeline import CeleryProcess, ManagedProcess, pipeline_env, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -352,3 +355,57 @@ def _metrics_have(port: int, metric: str) -> bool:
 
 def _log(processes: list[Any], name: str) -> str:
     return f"{name}'s /readyz: " + next(p for p in processes if p.name == name).log()
+
+
+# --------------------------------------------------------------------------- metrics of the units
+
+
+def _sample(name: str, labels: dict[str, str] | None = None) -> float:
+    return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+
+def test_it_counts_web_requests_by_route_name_never_by_path(db: None, alpha: TenantPersona) -> None:
+    client = Client(HTTP_HOST=alpha.host)
+    routes = {"route": "telemetry-ingest", "method": "POST", "status": "401"}
+    unmatched = {"route": "unmatched", "method": "GET", "status": "404"}
+    probe = {"route": "healthz", "method": "GET", "status": "200"}
+    before = {key: _sample("argus_web_requests_total", labels) for key, labels in enumerate((routes, unmatched, probe))}
+    client.post("/api/v1/telemetry", data=b"{}", content_type="application/json")
+    client.get(f"/no/such/page/{uuid.uuid4().hex}")
+    client.get("/healthz")
+    for key, labels in enumerate((routes, unmatched, probe)):
+        assert _sample("argus_web_requests_total", labels) == before[key] + 1, labels
+    assert _sample("argus_web_request_seconds_count", {"route": "healthz", "method": "GET"}) >= 1
+
+
+def test_it_counts_redeliveries_and_reads_the_consumer_counts_for_readiness(nats_server: ServerHandle) -> None:
+    async def scenario() -> tuple[float, int | None, int | None, str]:
+        consumer = IngestConsumer(nats_url=nats_server.url)
+        await consumer.start()
+        nc = await nats.connect(nats_server.url)
+        try:
+            headers = telemetry_headers(logical_id="probe-device", received_ms=now_ms(), transport="http")
+            await nc.jetstream().publish(telemetry_subject("alpha", 1), b"{}", headers=headers)
+            assert consumer._sub is not None
+            (first,) = await consumer._sub.fetch(1, timeout=5)
+            await first.nak()
+            (again,) = await consumer._sub.fetch(1, timeout=5)
+            before = _sample("argus_ingest_redeliveries_total")
+            delivery, _ = consumer._open(again)
+            assert delivery is not None and delivery.deliveries == 2
+            counted = _sample("argus_ingest_redeliveries_total") - before
+            consumer._last_lag_check = 0.0
+            await consumer._report_lag()
+            pending, ack_pending = consumer.pending, consumer.ack_pending
+            lag = consumer._lag_check()
+            await again.ack()
+            return counted, pending, ack_pending, lag.status
+        finally:
+            await nc.close()
+            await consumer.close()
+
+    counted, pending, ack_pending, lag = asyncio.run(scenario())
+    assert counted == 1
+    assert (pending, ack_pending) == (0, 1)  # the redelivered message is out, not yet acknowledged
+    assert _sample("argus_ingest_ack_pending_messages") == 1
+    assert lag == "ok"
