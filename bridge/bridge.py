@@ -48,6 +48,7 @@ from argus.outage import database_outage, is_database_error
 from argus.registry import use_public_schema
 from bridge.mqtt import AsyncioDriver, BufferedClient
 from telemetry import jetstream as js_defs
+from telemetry.health import connection_check
 
 log = logging.getLogger(__name__)
 
@@ -266,6 +267,7 @@ class MqttBridge:
         self._incoming_since = 0.0  # when the oldest message waiting in _incoming arrived
         self._draining = False
         self._nc: NATS | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._js: JetStreamContext | None = None
         self._client: BufferedClient | None = None
         self._driver: AsyncioDriver | None = None
@@ -341,9 +343,7 @@ class MqttBridge:
         return CheckResult("mqtt", True)
 
     def _nats_check(self) -> CheckResult:
-        if self._nc is None or not self._nc.is_connected:
-            return CheckResult("nats", False, "not connected (reconnecting)" if self._nc else "not connected yet")
-        return CheckResult("nats", True)
+        return connection_check(self._nc, self._loop)
 
     # -- work --
 

@@ -37,7 +37,7 @@ from argus.health import CheckResult, database_check, run_checks
 from argus.models import Organization
 from argus.outage import close_broken_connection, database_outage, is_database_error
 from telemetry import jetstream as js_defs
-from telemetry.health import lag_verdict
+from telemetry.health import connection_check, lag_verdict
 from telemetry.ingest import ingest_batch, ingest_refused
 from telemetry.messages import BatchResult, IncomingMessage
 from telemetry.profiles import ProfileCache
@@ -134,6 +134,7 @@ class IngestConsumer:
         self.profiles = profiles or ProfileCache()
         self.after_commit = after_commit
         self._nc: NATS | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._js: JetStreamContext | None = None
         self._sub: JetStreamContext.PullSubscription | None = None
         # Django connections are per thread: all database work happens on this one.
@@ -151,6 +152,7 @@ class IngestConsumer:
 
     async def start(self) -> None:
         """Connect to NATS, declare the streams and bind to the durable consumer."""
+        self._loop = asyncio.get_running_loop()
         self._nc = await nats.connect(
             self.nats_url,
             max_reconnect_attempts=-1,
@@ -191,9 +193,7 @@ class IngestConsumer:
         return run_checks([database_check, self._nats_check, self._lag_check])
 
     def _nats_check(self) -> CheckResult:
-        if self._nc is None or not self._nc.is_connected:
-            return CheckResult("nats", False, "not connected (reconnecting)" if self._nc else "not connected yet")
-        return CheckResult("nats", True)
+        return connection_check(self._nc, self._loop)
 
     def _lag_check(self) -> CheckResult:
         return lag_verdict(self.pending, self.ack_pending)

@@ -1,20 +1,24 @@
 """Readiness checks of the pipeline's JetStream side (see argus/health.py): the TELEMETRY stream
-and the ingest consumer's durable exist, and the consumer's lag is under ARGUS_READY_MAX_LAG.
+and the ingest consumer's durable exist, the consumer's lag is under ARGUS_READY_MAX_LAG, and a
+worker's own NATS connection answers.
 
-Each check opens its own NATS connection, without reconnects, bounded by the check timeout: a
-readiness probe asks "can a new client get through now", which a long-lived connection that is
-still reconnecting cannot answer.
+The web's checks open a NATS connection of their own, without reconnects, bounded by the check
+timeout: they ask "can a new client get through now". runbridge and runingest ask their own
+connection for a round trip instead (`connection_check`): nats-py calls a connection to a frozen
+server connected until its pings have gone unanswered for minutes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 
 import nats
 import nats.errors
 import nats.js.errors
 from django.conf import settings
+from nats.aio.client import Client as NATS
 from nats.js.api import ConsumerInfo
 
 from argus.health import CheckResult, check_timeout
@@ -94,3 +98,21 @@ def lag_check() -> CheckResult:
     except JetStreamUnready as exc:
         return CheckResult("lag", False, f"cannot read the consumer: {exc}")
     return lag_verdict(info.num_pending or 0, info.num_ack_pending)
+
+
+def connection_check(nc: NATS | None, loop: asyncio.AbstractEventLoop | None) -> CheckResult:
+    """A worker's own NATS connection answers a PING within the check timeout. Called from another
+    thread than the one running `loop`, the event loop that owns the connection."""
+    if nc is None or loop is None:
+        return CheckResult("nats", False, "not connected yet")
+    if not nc.is_connected:
+        return CheckResult("nats", False, "not connected (reconnecting)")
+    # Inside the check's deadline, so the answer says why rather than "no answer".
+    timeout = 0.9 * check_timeout()
+    future = asyncio.run_coroutine_threadsafe(nc.flush(timeout=max(1, math.floor(timeout))), loop)
+    try:
+        future.result(timeout)
+    except (TimeoutError, nats.errors.Error, OSError) as exc:
+        future.cancel()
+        return CheckResult("nats", False, f"no answer to a ping within {timeout:.1f} s ({type(exc).__name__})")
+    return CheckResult("nats", True)

@@ -332,6 +332,21 @@ def test_runbridge_runingest_and_the_worker_serve_their_probes(
         for name in ("runbridge", "runingest"):
             base = f"http://127.0.0.1:{ports[name]}"
             wait_for(partial(_ready, base), timeout=30, what=f"{name}'s /readyz after NATS is back")
+
+        # NATS frozen: the connections look connected for minutes; a ping through them does not.
+        freeze(nats_server)
+        try:
+            for name in ("runbridge", "runingest"):
+                base = f"http://127.0.0.1:{ports[name]}"
+                _, body, took = wait_for(
+                    partial(_unready_answer, base), timeout=UNREADY_WITHIN, what=f"{name}'s /readyz with NATS frozen"
+                )
+                assert "nats" in failing(body) and took < CHECK_TIMEOUT + 1.5, (body, took)
+        finally:
+            thaw(nats_server)
+        for name in ("runbridge", "runingest"):
+            base = f"http://127.0.0.1:{ports[name]}"
+            wait_for(partial(_ready, base), timeout=30, what=f"{name}'s /readyz after NATS is thawed")
     finally:
         for process in processes:
             process.stop()
@@ -347,6 +362,11 @@ def _ready(base: str) -> bool:
 def _unready(base: str) -> dict[str, Any] | None:
     status, body, _ = get(f"{base}/readyz", timeout=5)
     return body if status == 503 else None
+
+
+def _unready_answer(base: str) -> tuple[int, Any, float] | None:
+    answer = get(f"{base}/readyz", timeout=10)
+    return answer if answer[0] == 503 else None
 
 
 def _metrics_have(port: int, metric: str) -> bool:
