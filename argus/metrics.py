@@ -2,11 +2,11 @@
 they took) and the registry a /metrics answer is made from.
 
 Under gunicorn each worker is a process with counters of its own, and a scrape reaches one of
-them. With PROMETHEUS_MULTIPROC_DIR set (docker/compose.yaml sets it for web and the Celery
-worker) every process writes its values to files in that directory and /metrics adds up all of
-them: prometheus-client's multiprocess mode. gunicorn.conf.py empties the directory when the
-server starts and marks exited workers dead. Without the variable a process reports its own
-registry (one process: `manage.py runserver`, the tests, the ASGI server's single worker).
+them. With PROMETHEUS_MULTIPROC_DIR set every process writes its values to files in that
+directory and /metrics adds up all of them: prometheus-client's multiprocess mode. gunicorn.conf.py
+sets it for every gunicorn server (web and live), empties it at start and marks exited workers
+dead; the Celery worker gets its own (argus/celery_metrics.py). Without the variable a process
+reports its own registry (`manage.py runserver`, the tests, runbridge, runingest).
 """
 
 from __future__ import annotations
