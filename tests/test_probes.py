@@ -4,7 +4,9 @@
 A web process (gunicorn) runs on a private PostgreSQL, Redis and NATS: its /readyz must turn
 unready within 5 s of any of them stopping, answer within its time bound while a server is
 frozen, and be ready again once the server is back, while /healthz keeps answering 200.
-runbridge, runingest and the Celery worker serve /metrics, /healthz and /readyz on their probe ports.
+runbridge, runingest and the Celery worker serve /metrics, /healthz and /readyz on their probe
+ports. And the metrics these probes report: web requests by route, the consumer's redeliveries
+and counts.
 """
 
 from __future__ import annotations
