@@ -22,6 +22,11 @@ _own_directory = ""
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     _own_directory = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="argus-web-metrics-")
 
+# Imported here, after the variable is set, never inside a hook: child_exit runs from the master's
+# SIGCHLD handler, which can interrupt an import in progress of the same module (two workers
+# exiting at once made the second hook's import fail on a partially initialised module).
+from prometheus_client import multiprocess  # noqa: E402
+
 
 def on_starting(server: Any) -> None:
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
@@ -32,8 +37,6 @@ def on_starting(server: Any) -> None:
 
 
 def child_exit(server: Any, worker: Any) -> None:
-    from prometheus_client import multiprocess
-
     multiprocess.mark_process_dead(worker.pid)
 
 

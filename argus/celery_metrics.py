@@ -29,7 +29,7 @@ from celery.signals import (
     worker_shutdown,
 )
 from django.conf import settings
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Histogram, multiprocess
 
 from argus.health import CheckResult, database_check, redis_check, run_checks
 from argus.metrics import multiprocess_dir
@@ -112,8 +112,6 @@ def _start_server(sender: Any = None, **kwargs: Any) -> None:
 @worker_process_shutdown.connect
 def _process_exited(pid: int | None = None, **kwargs: Any) -> None:
     if multiprocess_dir():
-        from prometheus_client import multiprocess
-
         multiprocess.mark_process_dead(pid or os.getpid())
 
 
