@@ -15,11 +15,10 @@ import signal
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from django.conf import settings
-from prometheus_client import start_http_server
-
+from argus.health import CheckResult
 from argus.invalidation import Invalidatable, InvalidationListener
 from argus.outage import database_outage, is_database_error
+from argus.probes import ProbeServer
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +30,15 @@ async def run_until_stopped(
     step: Callable[[], Awaitable[bool]],
     close: Callable[[], Awaitable[None]],
     metrics_port: int = 0,
+    readiness: Callable[[], list[CheckResult]] | None = None,
 ) -> None:
-    """Run a worker's steps until SIGTERM/SIGINT, then close it."""
+    """Run a worker's steps until SIGTERM/SIGINT, then close it; /metrics, /healthz and /readyz
+    (from `readiness`) on `metrics_port` meanwhile (argus/probes.py)."""
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
-    if metrics_port:
-        start_http_server(metrics_port, addr=settings.ARGUS_WORKER_METRICS_ADDR)
+    probes = ProbeServer(metrics_port, readiness or list).start() if metrics_port else None
     await start()
     log.info("%s started metrics_port=%s", name, metrics_port or "off")
     steps = 0
@@ -58,6 +58,8 @@ async def run_until_stopped(
                     await asyncio.wait_for(stopping.wait(), timeout=delay)
     finally:
         await close()
+        if probes is not None:
+            probes.stop()
         log.info("%s stopped after %d busy steps", name, steps)
 
 
@@ -70,6 +72,10 @@ class Worker(Protocol):
 
     async def close(self) -> None: ...
 
+    def readiness(self) -> list[CheckResult]:
+        """Its /readyz checks (called from the probe server's thread: reads state, never waits long)."""
+        ...
+
 
 def run_worker(name: str, worker: Worker, *, cache: Invalidatable, metrics_port: int) -> None:
     """Run a worker until SIGTERM/SIGINT, its cache kept fresh by profile invalidations."""
@@ -78,7 +84,14 @@ def run_worker(name: str, worker: Worker, *, cache: Invalidatable, metrics_port:
     freeze_startup_objects()
     try:
         asyncio.run(
-            run_until_stopped(name, start=worker.start, step=worker.step, close=worker.close, metrics_port=metrics_port)
+            run_until_stopped(
+                name,
+                start=worker.start,
+                step=worker.step,
+                close=worker.close,
+                metrics_port=metrics_port,
+                readiness=worker.readiness,
+            )
         )
     finally:
         listener.stop()

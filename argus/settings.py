@@ -354,9 +354,11 @@ ARGUS_BRIDGE_SESSION_EXPIRY_SECONDS = env_int("ARGUS_BRIDGE_SESSION_EXPIRY_SECON
 ARGUS_BRIDGE_CERT = env("ARGUS_BRIDGE_CERT", str(ARGUS_PKI_DIR / "clients" / "argus-bridge.crt"))
 ARGUS_BRIDGE_KEY = env("ARGUS_BRIDGE_KEY", str(ARGUS_PKI_DIR / "clients" / "argus-bridge.key"))
 ARGUS_BRIDGE_CA = env("ARGUS_BRIDGE_CA", str(ARGUS_PKI_DIR / "ca.crt"))
-# Prometheus metrics ports of the long-running commands (0 = off).
+# Metrics and probe ports (/metrics, /healthz, /readyz) of the long-running commands (0 = off).
 ARGUS_BRIDGE_METRICS_PORT = env_int("ARGUS_BRIDGE_METRICS_PORT", 9101)
 ARGUS_INGEST_METRICS_PORT = env_int("ARGUS_INGEST_METRICS_PORT", 9102)
+# The Celery worker's (argus/celery_metrics.py); with the prefork pool it needs PROMETHEUS_MULTIPROC_DIR.
+ARGUS_CELERY_METRICS_PORT = env_int("ARGUS_CELERY_METRICS_PORT", 9103)
 # Address those ports listen on: loopback unless a scraper elsewhere must reach them (the
 # compose file sets 0.0.0.0 inside its private network, where the ports are not published).
 ARGUS_WORKER_METRICS_ADDR = env("ARGUS_WORKER_METRICS_ADDR", "127.0.0.1")
@@ -489,13 +491,21 @@ ARGUS_WEBHOOK_ALLOWED_NETWORKS = [
     ipaddress.ip_network(n, strict=False) for n in env_list("ARGUS_WEBHOOK_ALLOWED_NETWORKS", "")
 ]
 
-# /readyz is answered ahead of the tenant middleware (any host, database down included).
-MIDDLEWARE = ["argus.views.probe_middleware", *MIDDLEWARE]
-# /readyz runs these checks (dotted paths to functions returning argus.health.CheckResult) and
-# answers 503 when one fails. Append to add one.
+# /healthz, /readyz and /metrics are answered ahead of the tenant middleware (any host, database
+# down included); every request is counted and timed before anything else (argus/metrics.py).
+MIDDLEWARE = ["argus.metrics.request_metrics_middleware", "argus.views.probe_middleware", *MIDDLEWARE]
+# /readyz runs these checks (dotted paths to functions returning argus.health.CheckResult),
+# concurrently, and answers 503 when one fails. Append to add one (docs/operations.md).
 ARGUS_READINESS_CHECKS = [
     "argus.health.database_check",
+    "argus.health.redis_check",
+    "telemetry.health.jetstream_check",
+    "telemetry.health.lag_check",
     "devices.health.crl_check",
 ]
+# Each check gets this long to answer (connect timeouts included); one still waiting counts as failed.
+ARGUS_READY_CHECK_TIMEOUT_SECONDS = env_float("ARGUS_READY_CHECK_TIMEOUT_SECONDS", 2.0)
+# /readyz (web, runingest) fails while the ingest consumer has more messages than this not yet delivered.
+ARGUS_READY_MAX_LAG = env_int("ARGUS_READY_MAX_LAG", 100_000)
 # /readyz fails when the broker's CRL (ARGUS_PKI_DIR/crl.pem) runs out sooner than this.
 ARGUS_READY_CRL_MIN_SECONDS = env_int("ARGUS_READY_CRL_MIN_SECONDS", 24 * 3600)

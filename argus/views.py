@@ -1,45 +1,45 @@
-"""Operational views."""
+"""Operational views: liveness, readiness and metrics of a web process, and the 404 handler.
+
+/healthz, /readyz and /metrics are answered by `probe_middleware`, ahead of the tenant middleware:
+on any host name, and without the tenant lookup's database query (see docs/operations.md)."""
 
 import hmac
 import ipaddress
 from collections.abc import Callable
 
 from django.conf import settings
-from django.db import connection
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.views.defaults import page_not_found
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from rest_framework import exceptions
 
-from argus.health import run_checks
+from argus.health import readiness_body, run_checks
+from argus.metrics import metrics_registry
 from argus.problems import problem_response
 
 
 def healthz(request: HttpRequest) -> JsonResponse:
-    """Liveness and database reachability."""
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT 1")
+    """Liveness: the process answers. No dependency is consulted, so an outage of the database or
+    of NATS never gets a healthy web process restarted (that is /readyz's business)."""
     return JsonResponse({"status": "ok"})
 
 
 def readyz(request: HttpRequest) -> JsonResponse:
     """Readiness: every check of settings.ARGUS_READINESS_CHECKS; 503 when one fails."""
-    results = run_checks()
-    ready = all(result.ok is not False for result in results)
-    body = {
-        "status": "ok" if ready else "fail",
-        "checks": [{"name": r.name, "status": r.status, "detail": r.detail} for r in results],
-    }
+    ready, body = readiness_body(run_checks())
     return JsonResponse(body, status=200 if ready else 503)
 
 
 def probe_middleware(get_response: Callable[[HttpRequest], HttpResponse]) -> Callable[[HttpRequest], HttpResponse]:
-    """Answer /readyz before the tenant middleware: on any host, and with a 503 body (not an
-    error page) when the database that the tenant lookup needs is down."""
+    """Answer /healthz, /readyz and /metrics before the tenant middleware: on any host, and with
+    an answer of their own (not an error page) while the database the tenant lookup needs is down."""
 
     def middleware(request: HttpRequest) -> HttpResponse:
-        if request.path_info == "/readyz":
-            return readyz(request)
+        probe = PROBES.get(request.path_info)
+        if probe is not None:
+            # What the request metrics (argus/metrics.py) label it with: no URL pattern matched it.
+            request.argus_route = probe.__name__  # type: ignore[attr-defined]
+            return probe(request)
         return get_response(request)
 
     return middleware
@@ -51,7 +51,7 @@ def metrics(request: HttpRequest) -> HttpResponse:
     is public)."""
     if not metrics_allowed(request):
         raise Http404("No metrics here.")
-    return HttpResponse(generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST)
+    return HttpResponse(generate_latest(metrics_registry()), content_type=CONTENT_TYPE_LATEST)
 
 
 def metrics_allowed(request: HttpRequest) -> bool:
@@ -64,6 +64,9 @@ def metrics_allowed(request: HttpRequest) -> bool:
         return ipaddress.ip_address(request.META.get("REMOTE_ADDR", "")).is_loopback
     except ValueError:
         return False
+
+
+PROBES: dict[str, Callable[[HttpRequest], HttpResponse]] = {"/healthz": healthz, "/readyz": readyz, "/metrics": metrics}
 
 
 def not_found(request: HttpRequest, exception: Exception) -> HttpResponse:

@@ -43,10 +43,12 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from prometheus_client import Counter, Gauge
 
+from argus.health import CheckResult, run_checks
 from argus.outage import database_outage, is_database_error
 from argus.registry import use_public_schema
 from bridge.mqtt import AsyncioDriver, BufferedClient
 from telemetry import jetstream as js_defs
+from telemetry.health import connection_check
 
 log = logging.getLogger(__name__)
 
@@ -265,11 +267,14 @@ class MqttBridge:
         self._incoming_since = 0.0  # when the oldest message waiting in _incoming arrived
         self._draining = False
         self._nc: NATS | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._js: JetStreamContext | None = None
         self._client: BufferedClient | None = None
         self._driver: AsyncioDriver | None = None
         self._last_sweep = 0.0
         self.subscribed = asyncio.Event()
+        # Read by /readyz from the probe server's thread.
+        self.mqtt_connected = False
 
     # -- lifecycle --
 
@@ -326,6 +331,19 @@ class MqttBridge:
                 await self._driver.stop()
         if self._nc is not None:
             await self._nc.drain()
+
+    def readiness(self) -> list[CheckResult]:
+        """/readyz of runbridge: connected to the MQTT broker and to NATS. The database is not
+        asked: the bridge routes with the routes it last loaded while it is down."""
+        return run_checks([self._mqtt_check, self._nats_check])
+
+    def _mqtt_check(self) -> CheckResult:
+        if not self.mqtt_connected:
+            return CheckResult("mqtt", False, f"not connected to {redacted_url(self.mqtt_url)}")
+        return CheckResult("mqtt", True)
+
+    def _nats_check(self) -> CheckResult:
+        return connection_check(self._nc, self._loop)
 
     # -- work --
 
@@ -637,6 +655,7 @@ class MqttBridge:
             log.error("mqtt connect refused: %s", reason)
             return
         MQTT_CONNECTED.set(1)
+        self.mqtt_connected = True
         log.info("mqtt connected url=%s session_present=%s", redacted_url(self.mqtt_url), flags.session_present)
         # One SUBSCRIBE (one SUBACK): telemetry at QoS 1, the broker's counters at QoS 0. A broker
         # that refuses $SYS to the bridge (an ACL without `topic read $SYS/broker/#`) still gives
@@ -649,6 +668,7 @@ class MqttBridge:
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         MQTT_CONNECTED.set(0)
+        self.mqtt_connected = False
         if not self._draining:
             log.warning("mqtt disconnected: %s (reconnecting)", reason)
 

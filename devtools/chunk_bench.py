@@ -245,6 +245,7 @@ def main() -> int:
         ARGUS_BRIDGE_SHARE_GROUP="",
         ARGUS_BRIDGE_METRICS_PORT="0",
         ARGUS_INGEST_METRICS_PORT="0",
+        ARGUS_CELERY_METRICS_PORT="0",
         # The benchmarks measure capacity: a few simulated devices carry the whole load, far over
         # the per-device rate limit a real device has (BENCH_DEVICE_RATE sets one; default: none).
         ARGUS_BRIDGE_DEVICE_RATE=os.environ.get("BENCH_DEVICE_RATE", "0"),

@@ -481,6 +481,7 @@ class Demo:
         env = dict(os.environ)
         _metrics_port(env, "ARGUS_BRIDGE_METRICS_PORT", settings.ARGUS_BRIDGE_METRICS_PORT)
         _metrics_port(env, "ARGUS_INGEST_METRICS_PORT", settings.ARGUS_INGEST_METRICS_PORT)
+        _metrics_port(env, "ARGUS_CELERY_METRICS_PORT", settings.ARGUS_CELERY_METRICS_PORT)
         env.setdefault("ARGUS_DASHBOARD_PORT", self.live_port)  # the admin's header links there
         self.env = env
         self.supervisor = self._supervisor()
@@ -501,9 +502,10 @@ class Demo:
             "--workers",
             "2",
         ]
+        # gunicorn.conf.py: /metrics adds up the workers' values (prometheus-client multiprocess mode).
         sup.add(
             "web",
-            [*gunicorn, "--access-logfile", "-", "--graceful-timeout", "10"],
+            [*gunicorn, "--config", "gunicorn.conf.py", "--access-logfile", "-", "--graceful-timeout", "10"],
             http_ok(f"http://127.0.0.1:{self.port}/healthz"),
         )
         # The dashboard's event stream: ASGI under gunicorn (uvicorn's worker class), one process.
@@ -527,9 +529,12 @@ class Demo:
         )
         sup.add("bridge", manage("runbridge"), log_says(BRIDGE_READY))
         sup.add("ingest", manage("runingest"), log_says(INGEST_READY))
-        sup.add(
+        worker = sup.add(
             "worker", celery("worker", "-c", "2", "-l", "INFO", "-n", f"demo-{os.getpid()}@%h"), log_says(WORKER_READY)
         )
+        # The prefork pool's children count the tasks; the main process's /metrics adds them up
+        # from this directory, which it empties at start (argus/celery_metrics.py).
+        worker.env = {**self.env, "PROMETHEUS_MULTIPROC_DIR": str(self.log_dir / "metrics-worker")}
         sup.add(
             "beat", celery("beat", "-l", "INFO", "-s", str(self.log_dir / "celerybeat-schedule")), log_says(BEAT_READY)
         )

@@ -393,6 +393,7 @@ class FaultRun:
             ARGUS_BRIDGE_SHARE_GROUP="",
             ARGUS_BRIDGE_METRICS_PORT="0",
             ARGUS_INGEST_METRICS_PORT="0",
+            ARGUS_CELERY_METRICS_PORT="0",
             ARGUS_BRIDGE_DEVICE_RATE="0",
             **fault.env,
         )

@@ -33,10 +33,12 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from prometheus_client import Counter, Gauge, Histogram
 
+from argus.health import CheckResult, database_check, run_checks
 from argus.logs import bound
 from argus.models import Organization
 from argus.outage import close_broken_connection, database_outage, is_database_error
 from telemetry import jetstream as js_defs
+from telemetry.health import connection_check, lag_verdict
 from telemetry.ingest import ingest_batch, ingest_refused
 from telemetry.messages import BatchResult, IncomingMessage
 from telemetry.profiles import ProfileCache
@@ -50,6 +52,10 @@ BATCH_SIZE = Histogram(
 )
 BATCH_SECONDS = Histogram("argus_ingest_batch_seconds", "Time to store one fetched batch")
 LAG = Gauge("argus_ingest_pending_messages", "Messages waiting in the consumer (JetStream lag)")
+ACK_PENDING = Gauge("argus_ingest_ack_pending_messages", "Messages delivered to consumers and not yet acknowledged")
+REDELIVERIES = Counter(
+    "argus_ingest_redeliveries_total", "JetStream messages received again (an earlier delivery was not acknowledged)"
+)
 DEAD_LETTERS = Gauge("argus_deadletters", "Messages in the DEADLETTER stream (manage.py deadletters)")
 E2E_LATENCY = Histogram(
     "argus_ingest_latency_seconds",
@@ -129,6 +135,7 @@ class IngestConsumer:
         self.profiles = profiles or ProfileCache()
         self.after_commit = after_commit
         self._nc: NATS | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._js: JetStreamContext | None = None
         self._sub: JetStreamContext.PullSubscription | None = None
         # Django connections are per thread: all database work happens on this one.
@@ -140,9 +147,13 @@ class IngestConsumer:
         self._totals: collections.Counter[str] = collections.Counter()
         self._last_summary = time.monotonic()
         self._last_lag_check = 0.0
+        # The consumer's counts when last read (every few seconds, see _report_lag), for /readyz.
+        self.pending: int | None = None
+        self.ack_pending: int | None = None
 
     async def start(self) -> None:
         """Connect to NATS, declare the streams and bind to the durable consumer."""
+        self._loop = asyncio.get_running_loop()
         self._nc = await nats.connect(
             self.nats_url,
             max_reconnect_attempts=-1,
@@ -176,6 +187,17 @@ class IngestConsumer:
             await self._nc.flush(timeout=5)
             await self._nc.close()
         self._db.shutdown(wait=True)
+
+    def readiness(self) -> list[CheckResult]:
+        """/readyz of runingest: PostgreSQL answers, NATS is connected, and the lag last read is
+        under ARGUS_READY_MAX_LAG."""
+        return run_checks([database_check, self._nats_check, self._lag_check])
+
+    def _nats_check(self) -> CheckResult:
+        return connection_check(self._nc, self._loop)
+
+    def _lag_check(self) -> CheckResult:
+        return lag_verdict(self.pending, self.ack_pending)
 
     async def step(self) -> bool:
         """Store and acknowledge one batch; False when there was nothing to do.
@@ -410,6 +432,8 @@ class IngestConsumer:
         if len(parts) != 3 or parts[0] != "telemetry":
             return None, f"unexpected subject {msg.subject!r}"
         deliveries = msg.metadata.num_delivered
+        if deliveries > 1:
+            REDELIVERIES.inc()
         if js_defs.H_ENVELOPE in headers:
             try:
                 records = js_defs.decode_envelope(msg.data)
@@ -464,7 +488,9 @@ class IngestConsumer:
         self._last_lag_check = time.monotonic()
         try:
             info = await self._sub.consumer_info()
-            LAG.set(info.num_pending or 0)
+            self.pending, self.ack_pending = info.num_pending or 0, info.num_ack_pending or 0
+            LAG.set(self.pending)
+            ACK_PENDING.set(self.ack_pending)
             assert self._js is not None
             DEAD_LETTERS.set((await self._js.stream_info(js_defs.DEADLETTER_STREAM)).state.messages)
         except Exception:

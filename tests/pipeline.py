@@ -85,6 +85,7 @@ def pipeline_env(*, mqtt_url: str, nats_url: str, client_id: str) -> dict[str, s
             "ARGUS_BRIDGE_CLIENT_ID": client_id,
             "ARGUS_BRIDGE_METRICS_PORT": "0",
             "ARGUS_INGEST_METRICS_PORT": "0",
+            "ARGUS_CELERY_METRICS_PORT": "0",
             "ARGUS_MAX_PAYLOAD_BYTES": str(settings.ARGUS_MAX_PAYLOAD_BYTES),
             # Most pipeline tests push thousands of messages through one device as fast as they
             # can (load, not policy); tests of the per-device limit set their own.

