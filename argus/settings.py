@@ -65,6 +65,9 @@ if not SECRET_KEY:
     if not (DEBUG or TESTING):
         raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off (see .env.example).")
     SECRET_KEY = "argus-insecure-development-key"  # noqa: S105 - debug/test only
+# Rotating SECRET_KEY: the old keys, comma-separated, still verify sessions and signed values
+# (password resets, messages) until they expire; only SECRET_KEY signs (docs/operations.md).
+SECRET_KEY_FALLBACKS = env_list("ARGUS_SECRET_KEY_FALLBACKS", "")
 
 # Host names this site answers for: tenants' domains (`.example.com` covers every subdomain)
 # and the platform admin's. `*` only in DEBUG or the test suite: elsewhere a forged Host header
