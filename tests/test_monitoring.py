@@ -180,8 +180,13 @@ def promql_label_names(expr: str) -> tuple[list[tuple[str, str]], set[str]]:
 # --- The dashboards' JSON and PromQL ------------------------------------------------------------
 
 
-def test_it_has_the_three_dashboards() -> None:
-    assert [p.name for p in DASHBOARDS] == ["pipeline.json", "processes.json", "tenant-telemetry.json"]
+def test_it_has_the_four_dashboards() -> None:
+    assert [p.name for p in DASHBOARDS] == [
+        "pipeline.json",
+        "processes.json",
+        "tenant-telemetry.json",
+        "web-and-workers.json",
+    ]
 
 
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
@@ -262,6 +267,8 @@ def test_it_shows_what_the_issue_asks_for() -> None:
         "argus_ingest_messages_total",  # stored
         "argus_ingest_latency_seconds_bucket",  # end-to-end latency
         "argus_ingest_pending_messages",  # consumer lag
+        "argus_ingest_ack_pending_messages",  # consumer lag: delivered, not acknowledged
+        "argus_ingest_redeliveries_total",  # redeliveries
         "argus_deadletters",  # dead letters
         "argus_bridge_rate_limited_total",  # rejects by reason
         "argus_broker_stat",  # broker drops
@@ -269,6 +276,20 @@ def test_it_shows_what_the_issue_asks_for() -> None:
         assert metric in pipeline, metric
     processes = " ".join(expr for name, expr in promql_expressions() if name == "processes.json")
     assert "process_cpu_seconds_total" in processes and "process_resident_memory_bytes" in processes
+    # Its Job dropdown lists every scrape target, also those without process_* series (web, live
+    # and worker run in multiprocess mode).
+    assert "label_values(up, job)" in processes
+    scraped = yaml.safe_load((DOCKER / "prometheus" / "prometheus.yml").read_text())["scrape_configs"]
+    assert {"argus-worker", "argus-live"} <= {job["job_name"] for job in scraped}
+    web = " ".join(expr for name, expr in promql_expressions() if name == "web-and-workers.json")
+    for metric in [
+        "argus_web_requests_total",  # requests/s by status and by route
+        "argus_web_request_seconds_bucket",  # request latency
+        "argus_celery_tasks_total",  # tasks/s by state
+        "argus_celery_task_failures_total",  # failures by task and exception
+        "argus_celery_task_seconds_bucket",  # task duration
+    ]:
+        assert metric in web, metric
     tenant = _load(DOCKER / "grafana" / "dashboards" / "tenant-telemetry.json")
     assert [v["name"] for v in _variables(tenant)] == ["tenant", "device", "metric"]
 
