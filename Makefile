@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 SERVICES := $(PY) -m devtools.services run --
 export ARGUS_WEB_PORT ?= 8000
 
-.PHONY: install browser demo test test-inner lint check bench chunk-bench alert-bench history-bench provision-bench faults services-up services-down clean
+.PHONY: install lock browser demo test test-inner lint check bench chunk-bench alert-bench history-bench provision-bench faults services-up services-down clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] < (3, 11))' || \
@@ -17,10 +17,18 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 		{ echo "$(PYTHON) has no venv module: install it (Debian/Ubuntu: apt-get install python3-venv)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -r requirements-dev.txt
+	$(VENV)/bin/pip install --quiet --require-hashes -r requirements-dev.txt
 	touch $@
 
 install: $(VENV)/.installed
+
+## make lock: requirements.txt (runtime, the image) and requirements-dev.txt (make install, CI) from
+## pyproject.toml's pins, every package with its hashes, for Python 3.11 on Linux (uv pip compile).
+UV_COMPILE := $(VENV)/bin/uv pip compile pyproject.toml --generate-hashes --python-version 3.11 \
+	--python-platform x86_64-unknown-linux-gnu --custom-compile-command "make lock"
+lock: install
+	$(UV_COMPILE) -o requirements.txt
+	$(UV_COMPILE) --extra dev --constraint requirements.txt -o requirements-dev.txt
 
 ## make browser: Debian's Chromium and its ChromeDriver for the dashboard's browser test (apt, as
 ## root; nothing is downloaded at test time).
