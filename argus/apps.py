@@ -9,4 +9,8 @@ class ArgusConfig(AppConfig):
 
     def ready(self) -> None:
         # Binds @shared_task to our tenant-aware app in every process that sends tasks.
-        from argus import celery  # noqa: F401
+        # Registers the settings' system checks.
+        from argus import (
+            celery,  # noqa: F401
+            checks,  # noqa: F401
+        )

@@ -5,13 +5,16 @@ from __future__ import annotations
 import importlib.util
 import ipaddress
 import os
+import re
 import warnings
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import dj_database_url
 import django_stubs_ext
+import environs
 from django.core.exceptions import ImproperlyConfigured
 
 from argus.environment import DEFAULT_SERVICE_URLS, read_dotenv
@@ -28,23 +31,48 @@ for _key, _value in read_dotenv(BASE_DIR / ".env").items():
     os.environ.setdefault(_key, _value)
 
 
-def env(name: str, default: str = "") -> str:
-    """A string setting; `<NAME>_FILE` points at a file holding the value (for secrets)."""
+# One typed reader for every variable (environs): a value of the wrong form stops the process
+# with an error naming the variable, what it holds and what it should (not a traceback from deep
+# inside, or a 500 on every request that reads it later).
+_ENV = environs.Env(eager=True, expand_vars=False)
+
+
+def _raw(name: str) -> str:
+    # `<NAME>_FILE` points at a file holding the value (for secrets); an empty value (`NAME=` in
+    # .env) means "use the default".
     file_path = os.environ.get(f"{name}_FILE")
     if file_path:
-        return Path(file_path).read_text().strip()
-    # An empty value (`NAME=` in .env) means "use the default".
-    return os.environ.get(name) or default
+        try:
+            return Path(file_path).read_text().strip()
+        except OSError as exc:
+            raise ImproperlyConfigured(f"{name}_FILE={file_path!r}: cannot read it ({exc.strerror})") from None
+    return os.environ.get(name, "")
+
+
+def _typed(name: str, parse: Callable[[str], Any], default: Any, expected: str) -> Any:
+    raw = _raw(name)
+    if not raw:
+        return default
+    os.environ[name] = raw  # environs reads the environment; the value may have come from <NAME>_FILE
+    try:
+        return parse(name)
+    except environs.EnvError:
+        raise ImproperlyConfigured(f"{name}={raw!r}: expected {expected} (default {default!r})") from None
+
+
+def env(name: str, default: str = "") -> str:
+    """A string setting."""
+    return _raw(name) or default
 
 
 def env_bool(name: str, default: bool = False) -> bool:
-    """A boolean setting: 1/true/yes/on are true."""
-    return env(name, "1" if default else "0").lower() in {"1", "true", "yes", "on"}
+    """A boolean setting: 1/true/yes/on or 0/false/no/off."""
+    return bool(_typed(name, lambda n: _ENV.bool(n), default, "a boolean (1/0, true/false, yes/no, on/off)"))
 
 
 def env_int(name: str, default: int) -> int:
     """An integer setting."""
-    return int(env(name, str(default)))
+    return int(_typed(name, lambda n: _ENV.int(n), default, "a whole number"))
 
 
 def env_list(name: str, default: str) -> list[str]:
@@ -53,8 +81,18 @@ def env_list(name: str, default: str) -> list[str]:
 
 
 def env_float(name: str, default: float) -> float:
-    """A float setting."""
-    return float(env(name, str(default)))
+    """A number setting."""
+    return float(_typed(name, lambda n: _ENV.float(n), default, "a number"))
+
+
+def env_rate(name: str, default: str) -> str:
+    """A rate as DRF writes it: `<count>/<period>`, the period second, minute, hour or day."""
+    value = env(name, default)
+    if not re.fullmatch(r"[1-9][0-9]*/(s|sec|second|m|min|minute|h|hour|d|day)", value.strip()):
+        raise ImproperlyConfigured(
+            f"{name}={value!r}: expected <count>/<period>, e.g. 600/min (period s, min, h or day)"
+        )
+    return value.strip()
 
 
 DEBUG = env_bool("DEBUG", False)
@@ -389,7 +427,7 @@ CELERY_BEAT_SCHEDULE = {
 # Every API error is application/problem+json (RFC 9457).
 REST_FRAMEWORK["EXCEPTION_HANDLER"] = "argus.problems.problem_exception_handler"
 # Requests per device and period (DRF rate syntax: N/s, N/min, N/hour, N/day), counted in Redis.
-ARGUS_HTTP_RATE_LIMIT = env("ARGUS_HTTP_RATE_LIMIT", "600/min")
+ARGUS_HTTP_RATE_LIMIT = env_rate("ARGUS_HTTP_RATE_LIMIT", "600/min")
 # How long POST /api/v1/telemetry waits for JetStream's PubAck before answering 503.
 ARGUS_HTTP_PUBLISH_TIMEOUT_SECONDS = env_float("ARGUS_HTTP_PUBLISH_TIMEOUT_SECONDS", 5.0)
 # Retry-After (seconds) sent with 503 when the pipeline is unavailable.
