@@ -6,7 +6,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from devtools.bench import Bench, BenchSettings, failures, human_summary, report_json
+from devtools.bench import BenchRun, BenchSettings, failures, human_summary, report_json
 from devtools.supervisor import ChildError
 
 
@@ -19,7 +19,7 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         try:
-            bench = Bench(BenchSettings.from_env(), self.stdout)
+            bench = BenchRun(BenchSettings.from_env(), self.stdout)
         except (ChildError, ValueError) as exc:
             raise CommandError(str(exc)) from exc
         try:
