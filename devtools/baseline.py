@@ -5,9 +5,10 @@ a minimal paho subscriber (persistent session, QoS 1, manual acknowledgement) th
 arrived into envelopes of up to ENVELOPE_MESSAGES, publishes them to JetStream without awaiting
 each PubAck (a bounded window of `publish_async` futures) and acknowledges the MQTT messages of
 an envelope once its PubAck is in → a stream of its own on the run's private nats-server → a
-minimal pull consumer that decodes each message's JSON for its msg_id and ts and writes a batch
-of at least BATCH_MESSAGES by binary COPY into an unindexed table (schema `bench_baseline`, one
-table per run, dropped afterwards), then acknowledges. No routing, validation, tenancy,
+minimal pull consumer that decodes each message's JSON for its msg_id and ts and writes what one
+fetch of up to FETCH_ENVELOPES envelopes brought within BATCH_WAIT by binary COPY into an
+unindexed table (schema `bench_baseline`, one table per run, dropped afterwards), then
+acknowledges. No routing, validation, tenancy,
 readings or dead letters: what is left is the cost of the parts themselves, so the pipeline's
 rate divided by this one's (`ratio_to_baseline`, from the same run on the same machine) holds
 from one machine to the next where absolute figures move by 1.5-2 times.
@@ -40,9 +41,8 @@ READY = "baseline ready"
 ENVELOPE_MESSAGES = 500  # as the bridge's ARGUS_BRIDGE_ENVELOPE_MESSAGES
 PUBLISH_WINDOW = 64  # envelopes awaiting their PubAck
 LINGER = 0.02  # seconds an envelope waits to fill, as the bridge's ARGUS_BRIDGE_LINGER_SECONDS
-BATCH_MESSAGES = 1000  # device messages per COPY and commit (the prototype: 1000+ matters most)
 BATCH_WAIT = 0.05  # seconds a batch waits to fill (the prototype's 50 ms)
-FETCH_ENVELOPES = 64
+FETCH_ENVELOPES = 64  # per batch: up to 32,000 device messages per COPY and commit
 _RECORD = struct.Struct("!HI")  # topic length, payload length
 
 log = logging.getLogger("devtools.baseline")
@@ -214,31 +214,18 @@ async def run_consumer(nats_url: str, dsn: str, run_id: str) -> None:
     copy_sql = f"COPY {table_name(run_id)} (msg_id, device, ts_ms, stored_at, payload) FROM STDIN (FORMAT BINARY)"
     print(READY, flush=True)
     while not stopping.flag:
-        msgs: list[Any] = []
-        rows: list[tuple[str, str, float, bytes]] = []
-        deadline = 0.0
-        while len(rows) < BATCH_MESSAGES and not stopping.flag:
-            wait = 1.0
-            if msgs:
-                wait = deadline - time.monotonic()
-                if wait <= 0:
-                    break
-            try:
-                # Its own timeout too: nats-server 2.9 sometimes ends a pull request without a status.
-                fetched = await asyncio.wait_for(sub.fetch(FETCH_ENVELOPES, timeout=max(wait, 0.01)), wait + 2.0)
-            except (TimeoutError, NatsTimeout):
-                if msgs:
-                    break
-                continue
-            if not msgs:
-                deadline = time.monotonic() + BATCH_WAIT
-            msgs += fetched
-            for msg in fetched:
-                for topic, payload in decode(msg.data):
-                    doc = orjson.loads(payload)
-                    rows.append((doc["msg_id"], topic.split(b"/")[1].decode(), float(doc["ts"]), payload))
-        if not msgs:
+        try:
+            # nats-py's fetch(n) collects until n messages or the timeout: BATCH_WAIT bounds a batch's
+            # wait as the consumer's batch window does. Its own timeout too: nats-server 2.9
+            # sometimes ends a pull request without a status.
+            msgs = await asyncio.wait_for(sub.fetch(FETCH_ENVELOPES, timeout=BATCH_WAIT), BATCH_WAIT + 2.0)
+        except (TimeoutError, NatsTimeout):
             continue
+        rows: list[tuple[str, str, float, bytes]] = []
+        for msg in msgs:
+            for topic, payload in decode(msg.data):
+                doc = orjson.loads(payload)
+                rows.append((doc["msg_id"], topic.split(b"/")[1].decode(), float(doc["ts"]), payload))
         stored_at = datetime.now(UTC)
         with conn.cursor() as cursor, cursor.copy(copy_sql) as copy:
             copy.set_types(["text", "text", "float8", "timestamptz", "bytea"])
