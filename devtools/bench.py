@@ -7,6 +7,14 @@ long as rows keep being stored (`drain_seconds`, `drain_complete`), and it reads
 $SYS counters itself: messages the broker dropped (`broker_dropped`, a session queue full) are
 reported apart from what the pipeline lost (`pipeline_lost`); `lost` counts both.
 
+Then, in the same invocation and back to back, the same load from the same generator goes
+through a bare chain of the same parts (devtools/baseline.py): `baseline_msgs_per_s` and
+`ratio_to_baseline`. For both it samples the CPU of every process of the chain (bridge, ingest,
+Mosquitto, NATS, the PostgreSQL backends of its connections; the load generator and PostgreSQL's
+background processes beside them) and reports the cost per 1,000 stored messages
+(`pipeline_core_ms_per_1k_msgs`, `baseline_core_ms_per_1k_msgs`). `Bench` is the pipeline,
+`BaselineChain` the bare chain, `BenchRun` runs both; `failures()` is the verdict.
+
 Environment: BENCH_RATE (msgs/s, 0 = flat out; 5000), BENCH_SECONDS (30), BENCH_MODE
 (endpoint | gateway; gateway messages carry 50 children), BENCH_DEVICES (1000 endpoint devices or
 20 gateways), BENCH_INGESTERS (runingest copies; 1), BENCH_SIM_PROCESSES (simulator processes;
@@ -15,7 +23,9 @@ of NATS_URL, so no other consumer of the shared `ingest` durable can take this r
 BENCH_LEAN_PUBLISHER (1, the default: the simulator's hand-rolled MQTT publisher; 0: paho, which
 costs about 75 us of CPU per message on this machine kind), BENCH_LIVE_PAGES (0; N: the ASGI
 server and N open dashboard pages of the tenant during the load, with a probe device timed from
-its MQTT publish to every page: devtools/live_pages.py).
+its MQTT publish to every page: devtools/live_pages.py), BENCH_BASELINE (empty: both chains;
+1: only the bare chain; 0: only the pipeline), BENCH_CELERY_BROKER_URL (default: a private
+redis-server for the tasks runingest queues).
 """
 
 from __future__ import annotations

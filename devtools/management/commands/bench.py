@@ -13,8 +13,9 @@ from devtools.supervisor import ChildError
 class Command(BaseCommand):
     help = (
         "Offer BENCH_RATE msgs/s (0 = flat out) for BENCH_SECONDS through a private Mosquitto, runbridge, "
-        "JetStream and runingest into tenant 'bench'; print a summary and, last, one JSON line. "
-        "Exits non-zero on lost or duplicate messages."
+        "JetStream and runingest into tenant 'bench', then the same load through a bare chain of the same parts "
+        "(BENCH_BASELINE=1: only that, 0: skip it); print a summary and, last, one JSON line. "
+        "Exits non-zero when anything is lost, duplicated, rejected or not drained."
     )
 
     def handle(self, *args: Any, **options: Any) -> None:
