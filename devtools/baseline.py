@@ -40,6 +40,8 @@ SCHEMA = "bench_baseline"
 READY = "baseline ready"
 ENVELOPE_MESSAGES = 500  # as the bridge's ARGUS_BRIDGE_ENVELOPE_MESSAGES
 PUBLISH_WINDOW = 64  # envelopes awaiting their PubAck
+PUBACK_TIMEOUT = 30.0  # then the envelope is published again (same Nats-Msg-Id)
+READ_BURST = 256  # MQTT packets read per readable event
 LINGER = 0.02  # seconds an envelope waits to fill, as the bridge's ARGUS_BRIDGE_LINGER_SECONDS
 BATCH_WAIT = 0.05  # seconds a batch waits to fill (the prototype's 50 ms)
 FETCH_ENVELOPES = 64  # per batch: up to 32,000 device messages per COPY and commit
@@ -119,9 +121,13 @@ async def run_bridge(mqtt_url: str, nats_url: str, run_id: str) -> None:
     client.manual_ack_set(True)
 
     def readable() -> None:
-        # One readable event may carry many packets; loop_read takes one of them at a time.
+        # One readable event may carry many packets; loop_read takes one of them at a time. At
+        # most READ_BURST per event, so a socket that never runs dry cannot starve the loop (the
+        # reader is level-triggered: the loop calls again).
         sock = client.socket()
-        while sock is not None and client.loop_read() == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS:
+        for _ in range(READ_BURST):
+            if sock is None or client.loop_read() != mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS:
+                break
             if not select.select([sock], [], [], 0)[0]:
                 break
 
@@ -147,13 +153,23 @@ async def run_bridge(mqtt_url: str, nats_url: str, run_id: str) -> None:
     client.on_socket_unregister_write = on_unregister_write
     client.on_connect = lambda c, *_: c.subscribe("devices/+/telemetry", qos=1)
     client.on_subscribe = on_subscribe
-    client.on_message = lambda c, u, message: incoming.append(message)
+    stats = {"received": 0, "published": 0}
+
+    def on_message(c: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        stats["received"] += 1
+        incoming.append(message)
+
+    client.on_message = on_message
     client.connect(parts.hostname or "127.0.0.1", parts.port or 1883, keepalive=30)
 
     async def keepalive() -> None:
+        ticks = 0
         while True:
             client.loop_misc()
             await asyncio.sleep(1.0)
+            ticks += 1
+            if ticks % 10 == 0:
+                log.info("received %d, published %d, holding %d", stats["received"], stats["published"], len(incoming))
 
     misc = asyncio.ensure_future(keepalive())
     await subscribed.wait()
@@ -166,12 +182,17 @@ async def run_bridge(mqtt_url: str, nats_url: str, run_id: str) -> None:
         while True:
             try:
                 future = await js.publish_async(subject(run_id), payload, headers={"Nats-Msg-Id": msg_id})
-                await asyncio.wait_for(future, 10.0)
-                break
-            except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
-                # A lost PubAck: the duplicate window absorbs the publish again.
-                log.warning("baseline publish %s failed, again: %r", msg_id, exc)
-                await asyncio.sleep(0.1)
+                # Not wait_for: cancelling nats-py's future would leave its pending-window slot taken.
+                await asyncio.wait({future}, timeout=PUBACK_TIMEOUT)
+                if future.done() and future.exception() is None:
+                    break
+                problem: Any = future.exception() if future.done() else "no PubAck in time"
+            except (nats.errors.Error, nats.js.errors.Error) as exc:
+                problem = exc
+            # The duplicate window absorbs the publish again.
+            log.warning("baseline publish %s failed, again: %r", msg_id, problem)
+            await asyncio.sleep(0.1)
+        stats["published"] += len(batch)
         for m in batch:
             client.ack(m.mid, m.qos)
 
@@ -213,6 +234,7 @@ async def run_consumer(nats_url: str, dsn: str, run_id: str) -> None:
     conn = psycopg.connect(dsn)
     copy_sql = f"COPY {table_name(run_id)} (msg_id, device, ts_ms, stored_at, payload) FROM STDIN (FORMAT BINARY)"
     print(READY, flush=True)
+    stored, logged_at = 0, time.monotonic()
     while not stopping.flag:
         try:
             # nats-py's fetch(n) collects until n messages or the timeout: BATCH_WAIT bounds a batch's
@@ -234,6 +256,10 @@ async def run_consumer(nats_url: str, dsn: str, run_id: str) -> None:
         conn.commit()
         for msg in msgs:
             await msg.ack()
+        stored += len(rows)
+        if time.monotonic() - logged_at >= 10:
+            logged_at = time.monotonic()
+            log.info("stored %d", stored)
     conn.close()
     await nc.drain()
 
@@ -359,9 +385,11 @@ class BaselineChain:
         from devtools.bench import _like_prefix
 
         with connection.cursor() as cursor:
-            cursor.execute(
-                f"SELECT count(*) FROM {table_name(self.run_id)} WHERE msg_id LIKE %s", [_like_prefix(prefix)]
-            )
+            if prefix:
+                sql = f"SELECT count(*) FROM {table_name(self.run_id)} WHERE msg_id LIKE %s"
+                cursor.execute(sql, [_like_prefix(prefix)])
+            else:
+                cursor.execute(f"SELECT count(*) FROM {table_name(self.run_id)}")
             return int(cursor.fetchone()[0])
 
     def rows(self, prefix: str) -> list[tuple[str, float, float]]:
@@ -431,8 +459,10 @@ class BaselineChain:
         self.log("baseline " + result.summary_line())
         # The drain: as long as rows keep coming, give up after DRAIN_IDLE_SECONDS without one.
         stored, last_change, drain_complete = -1, time.monotonic(), False
+        drain_started = last_log = time.monotonic()
         while True:
-            now_stored = self.count(prefix)
+            # The table holds only the load now (truncated after the warm-up): no filter to scan for.
+            now_stored = self.count("")
             if now_stored != stored:
                 stored, last_change = now_stored, time.monotonic()
             if stored >= result.sent:
@@ -441,8 +471,11 @@ class BaselineChain:
             if time.monotonic() - last_change > DRAIN_IDLE_SECONDS:
                 self.log(f"baseline draining: nothing stored for {DRAIN_IDLE_SECONDS:.0f} s, giving up")
                 break
+            if time.monotonic() - last_log >= 30:
+                last_log = time.monotonic()
+                self.log(f"baseline draining: {stored} of {result.sent} stored after {last_log - drain_started:.0f} s")
             self.check_alive()
-            time.sleep(0.5)
+            time.sleep(1.0)
         sampler.mark_end()
         exit_codes = self.stop()
         expected = set(result.msg_ids())
