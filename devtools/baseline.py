@@ -422,6 +422,7 @@ class BaselineChain:
         make_config(devices, prefix, **overrides) builds the simulator config the bench uses."""
         from devtools.bench import (
             DRAIN_IDLE_SECONDS,
+            PidSource,
             ProcSampler,
             cost_report,
             percentile,
@@ -449,7 +450,7 @@ class BaselineChain:
         prefix = f"{run}-BL"
         load.msg_id_prefix = prefix
         load.mqtt_url = self.mqtt_url
-        pids: dict[str, Sequence[int]] = {**self.pids(), **postgres_pids(self.application_name)}
+        pids: dict[str, PidSource] = {**self.pids(), **postgres_pids(self.application_name)}
         if nats_pid is not None:
             pids["nats"] = [nats_pid]
         pids["load_generator"] = [os.getpid()]

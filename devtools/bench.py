@@ -37,7 +37,7 @@ import platform
 import threading
 import time
 import uuid
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -271,26 +271,42 @@ class _Series:
     peak_rss: int = 0
 
 
+PidSource = Sequence[int] | Callable[[], Sequence[int]]
+
+
 class ProcSampler:
     """Samples CPU and RSS of named process groups every SAMPLE_INTERVAL between mark_start and
-    mark_end. For the groups named in `reaped` the CPU of exited children is counted too (the
-    load generator: this process and the simulator worker processes it started and waited for)."""
+    mark_end. A group is a list of pids, or a function giving the pids now (asked at every
+    sample: PostgreSQL backends come and go as Django reconnects, every DB_CONN_MAX_AGE seconds).
+    CPU is counted per process from its first sample to its last, so one that exits keeps what
+    it used. For the groups named in `reaped` the CPU of exited children is counted too (the load
+    generator: this process and the simulator worker processes it started and waited for)."""
 
-    def __init__(self, groups: dict[str, Sequence[int]], reaped: Collection[str] = ()) -> None:
+    def __init__(self, groups: Mapping[str, PidSource], reaped: Collection[str] = ()) -> None:
         self.groups = groups
         self.reaped = set(reaped)
         self.series = {name: _Series() for name in groups}
+        self._first: dict[str, dict[int, float]] = {name: {} for name in groups}
+        self._last: dict[str, dict[int, float]] = {name: {} for name in groups}
         self.started_at = self.ended_at = 0.0
         self.busy_start = self.busy_end = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench-sampler", daemon=True)
 
+    def _pids(self, name: str) -> Sequence[int]:
+        source = self.groups[name]
+        return source() if callable(source) else source
+
     def _sample(self, name: str) -> ProcSample | None:
         reaped = name in self.reaped
-        samples = [s for s in (read_proc(pid, reaped) for pid in self.groups[name]) if s is not None]
-        if not samples:
+        samples = {pid: read_proc(pid, reaped) for pid in self._pids(name)}
+        live = {pid: sample for pid, sample in samples.items() if sample is not None}
+        for pid, sample in live.items():
+            self._first[name].setdefault(pid, sample.cpu_seconds)
+            self._last[name][pid] = sample.cpu_seconds
+        if not live:
             return None
-        return ProcSample(sum(s.cpu_seconds for s in samples), sum(s.rss_bytes for s in samples))
+        return ProcSample(sum(s.cpu_seconds for s in live.values()), sum(s.rss_bytes for s in live.values()))
 
     def _record(self) -> None:
         for name, series in self.series.items():
@@ -300,8 +316,11 @@ class ProcSampler:
                 series.end = sample
 
     def _run(self) -> None:
-        while not self._stop.wait(SAMPLE_INTERVAL):
-            self._record()
+        try:
+            while not self._stop.wait(SAMPLE_INTERVAL):
+                self._record()
+        finally:
+            connection.close()  # this thread's, if a pid source queried the database
 
     def mark_start(self) -> None:
         self.started_at = time.monotonic()
@@ -319,11 +338,13 @@ class ProcSampler:
         self.busy_end = machine_busy_seconds()
 
     def cpu_seconds(self, name: str) -> float:
-        """CPU seconds the group used between mark_start and mark_end."""
-        series = self.series[name]
-        if not (series.start and series.end):
-            return 0.0
-        return max(0.0, series.end.cpu_seconds - series.start.cpu_seconds)
+        """CPU seconds the group's processes used between mark_start and mark_end."""
+        first, last = self._first[name], self._last[name]
+        return max(0.0, sum(last[pid] - first[pid] for pid in last))
+
+    def pids_seen(self, name: str) -> int:
+        """How many processes of the group were sampled at least once."""
+        return len(self._last[name])
 
     def cores(self, name: str) -> float:
         wall = self.ended_at - self.started_at
@@ -352,22 +373,27 @@ class ProcSampler:
 CHAIN_GROUPS = ("bridge", "ingest", "mosquitto", "nats", "postgres")
 
 
-def postgres_pids(application_name: str) -> dict[str, list[int]]:
-    """The PostgreSQL server processes to sample: `postgres`, the backends whose connections carry
-    this application_name (the chain's own: runbridge, runingest or the bare consumer), and
-    `postgres_background`, the WAL writer, checkpointer and background writer (shared with any
-    other database on the server). Sampled from /proc, so only when the server runs on this machine."""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT pid, application_name = %s FROM pg_stat_activity "
-            "WHERE application_name = %s OR backend_type IN ('walwriter', 'checkpointer', 'background writer')",
-            [application_name, application_name],
-        )
-        rows = cursor.fetchall()
-    return {
-        "postgres": [pid for pid, ours in rows if ours],
-        "postgres_background": [pid for pid, ours in rows if not ours],
-    }
+def postgres_pids(application_name: str) -> dict[str, Callable[[], list[int]]]:
+    """The PostgreSQL server processes to sample, as pid sources asked at every sample:
+    `postgres`, the backends whose connections carry this application_name (the chain's own:
+    runbridge, runingest or the bare consumer), and `postgres_background`, the WAL writer,
+    checkpointer and background writer (shared with any other database on the server). Sampled
+    from /proc, so only when the server runs on this machine."""
+
+    def backends() -> list[int]:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s", [application_name])
+            return [row[0] for row in cursor.fetchall()]
+
+    def background() -> list[int]:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pid FROM pg_stat_activity "
+                "WHERE backend_type IN ('walwriter', 'checkpointer', 'background writer')"
+            )
+            return [row[0] for row in cursor.fetchall()]
+
+    return {"postgres": backends, "postgres_background": background}
 
 
 def cost_report(sampler: ProcSampler, stored: int, prefix: str, total_key: str) -> dict[str, Any]:
@@ -380,7 +406,7 @@ def cost_report(sampler: ProcSampler, stored: int, prefix: str, total_key: str) 
         {f"{prefix}core_ms_per_1k_{name}": round(sampler.cpu_seconds(name) * per_1k, 1) for name in sampler.groups}
     )
     report[total_key] = round(sum(sampler.cpu_seconds(n) for n in CHAIN_GROUPS if n in sampler.groups) * per_1k, 1)
-    report[f"{prefix}postgres_backends_sampled"] = len(sampler.groups.get("postgres", ()))
+    report[f"{prefix}postgres_backends_sampled"] = sampler.pids_seen("postgres") if "postgres" in sampler.groups else 0
     return report
 
 
@@ -693,7 +719,7 @@ class Bench:
         self.warm_up(devices, base_id)
 
         broker = self.servers[0]
-        pids: dict[str, Sequence[int]] = {**pipeline_pids(self.pipeline), "mosquitto": [broker.pid]}
+        pids: dict[str, PidSource] = {**pipeline_pids(self.pipeline), "mosquitto": [broker.pid]}
         if self.bench.live_pages:
             self.live = LivePages(
                 # Not named as the pipeline's connections: the live server is not part of the chain.
