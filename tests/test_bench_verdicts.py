@@ -226,3 +226,26 @@ def test_it_fails_a_history_run_whose_table_or_selectors_came_up_short() -> None
     assert history_bench.failures({**report, "rows": 99}) == ["rows=99 of 100"]
     short = {**report, "returned": {"history_buckets 24h/1min": 0, "latest_pairs": 5}}
     assert history_bench.failures(short) == ["history_buckets 24h/1min returned nothing", "latest_pairs=5 of 6"]
+
+
+def test_it_keeps_the_cpu_of_a_sampled_process_that_exited() -> None:
+    import subprocess
+    import sys
+    import time
+
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass\ntime.sleep(1.5)",
+        ]
+    )
+    pids = [child.pid]
+    sampler = ProcSampler({"child": lambda: pids})
+    sampler.mark_start()
+    child.wait()
+    pids.clear()  # gone from the source, as a backend that Django closed
+    time.sleep(0.6)
+    sampler.mark_end()
+    assert sampler.pids_seen("child") == 1
+    assert 0.1 < sampler.cpu_seconds("child") < 1.0
