@@ -42,6 +42,7 @@ ENVELOPE_MESSAGES = 500  # as the bridge's ARGUS_BRIDGE_ENVELOPE_MESSAGES
 PUBLISH_WINDOW = 64  # envelopes awaiting their PubAck
 PUBACK_TIMEOUT = 30.0  # then the envelope is published again (same Nats-Msg-Id)
 READ_BURST = 256  # MQTT packets read per readable event
+KEEPALIVE = 600  # seconds (see run_bridge)
 LINGER = 0.02  # seconds an envelope waits to fill, as the bridge's ARGUS_BRIDGE_LINGER_SECONDS
 BATCH_WAIT = 0.05  # seconds a batch waits to fill (the prototype's 50 ms)
 FETCH_ENVELOPES = 64  # per batch: up to 32,000 device messages per COPY and commit
@@ -152,6 +153,10 @@ async def run_bridge(mqtt_url: str, nats_url: str, run_id: str) -> None:
     client.on_socket_register_write = on_register_write
     client.on_socket_unregister_write = on_unregister_write
     client.on_connect = lambda c, *_: c.subscribe("devices/+/telemetry", qos=1)
+    # No reconnect: the bench fails the run (nothing more is stored) and this line says why.
+    client.on_disconnect = lambda c, u, flags, reason, props: log.warning("mqtt disconnected: %s", reason)
+    client.enable_logger(logging.getLogger("devtools.baseline.paho"))
+    logging.getLogger("devtools.baseline.paho").setLevel(logging.WARNING)
     client.on_subscribe = on_subscribe
     stats = {"received": 0, "published": 0}
 
@@ -160,7 +165,11 @@ async def run_bridge(mqtt_url: str, nats_url: str, run_id: str) -> None:
         incoming.append(message)
 
     client.on_message = on_message
-    client.connect(parts.hostname or "127.0.0.1", parts.port or 1883, keepalive=30)
+    # A long keepalive: paho 2.1 with an external loop counts a write as traffic only when it
+    # leaves packets queued, so with PUBACKs flowing it sends a PINGREQ every keepalive, and the
+    # PINGRESP queues in the broker behind the session's backlog: with 30 s a flat-out run's
+    # backlog held it back beyond the keepalive and paho closed the connection (Keep alive timeout).
+    client.connect(parts.hostname or "127.0.0.1", parts.port or 1883, keepalive=KEEPALIVE)
 
     async def keepalive() -> None:
         ticks = 0
