@@ -7,6 +7,14 @@ long as rows keep being stored (`drain_seconds`, `drain_complete`), and it reads
 $SYS counters itself: messages the broker dropped (`broker_dropped`, a session queue full) are
 reported apart from what the pipeline lost (`pipeline_lost`); `lost` counts both.
 
+Then, in the same invocation and back to back, the same load from the same generator goes
+through a bare chain of the same parts (devtools/baseline.py): `baseline_msgs_per_s` and
+`ratio_to_baseline`. For both it samples the CPU of every process of the chain (bridge, ingest,
+Mosquitto, NATS, the PostgreSQL backends of its connections; the load generator and PostgreSQL's
+background processes beside them) and reports the cost per 1,000 stored messages
+(`pipeline_core_ms_per_1k_msgs`, `baseline_core_ms_per_1k_msgs`). `Bench` is the pipeline,
+`BaselineChain` the bare chain, `BenchRun` runs both; `failures()` is the verdict.
+
 Environment: BENCH_RATE (msgs/s, 0 = flat out; 5000), BENCH_SECONDS (30), BENCH_MODE
 (endpoint | gateway; gateway messages carry 50 children), BENCH_DEVICES (1000 endpoint devices or
 20 gateways), BENCH_INGESTERS (runingest copies; 1), BENCH_SIM_PROCESSES (simulator processes;
@@ -15,7 +23,9 @@ of NATS_URL, so no other consumer of the shared `ingest` durable can take this r
 BENCH_LEAN_PUBLISHER (1, the default: the simulator's hand-rolled MQTT publisher; 0: paho, which
 costs about 75 us of CPU per message on this machine kind), BENCH_LIVE_PAGES (0; N: the ASGI
 server and N open dashboard pages of the tenant during the load, with a probe device timed from
-its MQTT publish to every page: devtools/live_pages.py).
+its MQTT publish to every page: devtools/live_pages.py), BENCH_BASELINE (empty: both chains;
+1: only the bare chain; 0: only the pipeline), BENCH_CELERY_BROKER_URL (default: a private
+redis-server for the tasks runingest queues).
 """
 
 from __future__ import annotations
@@ -27,14 +37,13 @@ import platform
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlparse, urlunparse
+from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
-import redis
 from django.conf import settings
 from django.core.management import call_command
 from django.db import connection, transaction
@@ -44,8 +53,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from argus.models import Domain, Organization
 from argus.registry import registry_sync
 from devices.models import Device, DeviceRole, DeviceType, ProcessingMode
+from devtools.baseline import BaselineChain
 from devtools.live_pages import LivePages
-from devtools.services import ServerHandle, postgres_settings, start_mosquitto, start_nats
+from devtools.services import ServerHandle, postgres_settings, start_mosquitto, start_nats, start_redis
 from devtools.simulator import CHILD_METRICS, ENDPOINT_METRICS, SimulatorConfig, SimulatorResult, run_simulation
 from devtools.supervisor import ChildError, Supervisor, manage
 
@@ -88,6 +98,8 @@ class BenchSettings:
     sim_processes: int
     private_nats: bool
     live_pages: int = 0
+    # BENCH_BASELINE: "" (both chains, back to back), "1" (only the bare chain), "0" (only the pipeline).
+    baseline: str = ""
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> BenchSettings:
@@ -107,11 +119,28 @@ class BenchSettings:
             sim_processes=int(env.get("BENCH_SIM_PROCESSES", "") or default_procs),
             private_nats=env.get("BENCH_PRIVATE_NATS", "1").lower() in ("1", "true", "yes", "on"),
             live_pages=int(env.get("BENCH_LIVE_PAGES", "0") or 0),
+            baseline=_baseline_choice(env.get("BENCH_BASELINE", "")),
         )
+
+    @property
+    def runs_pipeline(self) -> bool:
+        return self.baseline != "1"
+
+    @property
+    def runs_baseline(self) -> bool:
+        return self.baseline != "0"
 
     @property
     def readings_per_message(self) -> int:
         return len(ENDPOINT_METRICS) if self.mode == "endpoint" else GATEWAY_CHILDREN * len(CHILD_METRICS)
+
+
+def _baseline_choice(value: str) -> str:
+    value = value.strip().lower()
+    choice = {"": "", "1": "1", "true": "1", "yes": "1", "only": "1", "0": "0", "false": "0", "no": "0"}.get(value)
+    if choice is None:
+        raise BenchError("BENCH_BASELINE must be 1 (only the bare chain), 0 (only the pipeline) or empty (both)")
+    return choice
 
 
 # --------------------------------------------------------------------------- tenant and devices
@@ -137,8 +166,7 @@ def ensure_tenant(schema: str, name: str, log: Callable[[str], None]) -> Organiz
 def ensure_bench_devices(bench: BenchSettings, log: Callable[[str], None]) -> list[str]:
     """Create (idempotently) tenant `bench`, its device types and devices; return their logical ids."""
     ensure_tenant(SCHEMA, "Benchmark", log)
-    prefix = "BENCH-E-" if bench.mode == "endpoint" else "BENCH-G-"
-    ids = [f"{prefix}{i:05d}" for i in range(bench.devices)]
+    ids = bench_device_ids(bench)
     with schema_context(SCHEMA), transaction.atomic():
         device_type = _device_type(bench.mode)
         existing = set(Device.objects.filter(logical_identifier__in=ids).values_list("logical_identifier", flat=True))
@@ -155,6 +183,12 @@ def ensure_bench_devices(bench: BenchSettings, log: Callable[[str], None]) -> li
             registry_sync(devices=created)
             log(f"created {len(created)} {bench.mode} devices in tenant 'bench'")
     return ids
+
+
+def bench_device_ids(bench: BenchSettings) -> list[str]:
+    """The logical ids of the devices the simulator sends as."""
+    prefix = "BENCH-E-" if bench.mode == "endpoint" else "BENCH-G-"
+    return [f"{prefix}{i:05d}" for i in range(bench.devices)]
 
 
 def _device_type(mode: str) -> DeviceType:
@@ -208,8 +242,9 @@ class ProcSample:
     rss_bytes: int
 
 
-def read_proc(pid: int) -> ProcSample | None:
-    """CPU seconds (user + system) and resident memory of a live process, from /proc."""
+def read_proc(pid: int, reaped: bool = False) -> ProcSample | None:
+    """CPU seconds (user + system) and resident memory of a live process, from /proc; with
+    `reaped`, the CPU of its children that have exited and been waited for is included."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
         status = Path(f"/proc/{pid}/status").read_text()
@@ -217,7 +252,7 @@ def read_proc(pid: int) -> ProcSample | None:
         return None
     # Fields after the ")" closing the command name: utime and stime are fields 14 and 15.
     fields = stat.rpartition(")")[2].split()
-    cpu = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    cpu = sum(int(f) for f in fields[11 : 15 if reaped else 13]) / CLOCK_TICKS
     rss_kb = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
     return ProcSample(cpu_seconds=cpu, rss_bytes=rss_kb * 1024)
 
@@ -236,22 +271,42 @@ class _Series:
     peak_rss: int = 0
 
 
-class ProcSampler:
-    """Samples CPU and RSS of named process groups every SAMPLE_INTERVAL between mark_start and mark_end."""
+PidSource = Sequence[int] | Callable[[], Sequence[int]]
 
-    def __init__(self, groups: dict[str, Sequence[int]]) -> None:
+
+class ProcSampler:
+    """Samples CPU and RSS of named process groups every SAMPLE_INTERVAL between mark_start and
+    mark_end. A group is a list of pids, or a function giving the pids now (asked at every
+    sample: PostgreSQL backends come and go as Django reconnects, every DB_CONN_MAX_AGE seconds).
+    CPU is counted per process from its first sample to its last, so one that exits keeps what
+    it used. For the groups named in `reaped` the CPU of exited children is counted too (the load
+    generator: this process and the simulator worker processes it started and waited for)."""
+
+    def __init__(self, groups: Mapping[str, PidSource], reaped: Collection[str] = ()) -> None:
         self.groups = groups
+        self.reaped = set(reaped)
         self.series = {name: _Series() for name in groups}
+        self._first: dict[str, dict[int, float]] = {name: {} for name in groups}
+        self._last: dict[str, dict[int, float]] = {name: {} for name in groups}
         self.started_at = self.ended_at = 0.0
         self.busy_start = self.busy_end = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench-sampler", daemon=True)
 
+    def _pids(self, name: str) -> Sequence[int]:
+        source = self.groups[name]
+        return source() if callable(source) else source
+
     def _sample(self, name: str) -> ProcSample | None:
-        samples = [s for s in (read_proc(pid) for pid in self.groups[name]) if s is not None]
-        if not samples:
+        reaped = name in self.reaped
+        samples = {pid: read_proc(pid, reaped) for pid in self._pids(name)}
+        live = {pid: sample for pid, sample in samples.items() if sample is not None}
+        for pid, sample in live.items():
+            self._first[name].setdefault(pid, sample.cpu_seconds)
+            self._last[name][pid] = sample.cpu_seconds
+        if not live:
             return None
-        return ProcSample(sum(s.cpu_seconds for s in samples), sum(s.rss_bytes for s in samples))
+        return ProcSample(sum(s.cpu_seconds for s in live.values()), sum(s.rss_bytes for s in live.values()))
 
     def _record(self) -> None:
         for name, series in self.series.items():
@@ -261,8 +316,11 @@ class ProcSampler:
                 series.end = sample
 
     def _run(self) -> None:
-        while not self._stop.wait(SAMPLE_INTERVAL):
-            self._record()
+        try:
+            while not self._stop.wait(SAMPLE_INTERVAL):
+                self._record()
+        finally:
+            connection.close()  # this thread's, if a pid source queried the database
 
     def mark_start(self) -> None:
         self.started_at = time.monotonic()
@@ -279,12 +337,18 @@ class ProcSampler:
         self.ended_at = time.monotonic()
         self.busy_end = machine_busy_seconds()
 
+    def cpu_seconds(self, name: str) -> float:
+        """CPU seconds the group's processes used between mark_start and mark_end."""
+        first, last = self._first[name], self._last[name]
+        return max(0.0, sum(last[pid] - first[pid] for pid in last))
+
+    def pids_seen(self, name: str) -> int:
+        """How many processes of the group were sampled at least once."""
+        return len(self._last[name])
+
     def cores(self, name: str) -> float:
-        series = self.series[name]
         wall = self.ended_at - self.started_at
-        if not (series.start and series.end and wall > 0):
-            return 0.0
-        return (series.end.cpu_seconds - series.start.cpu_seconds) / wall
+        return self.cpu_seconds(name) / wall if wall > 0 else 0.0
 
     def machine_cores(self) -> float:
         wall = self.ended_at - self.started_at
@@ -301,6 +365,49 @@ class ProcSampler:
             "end": mb(series.end.rss_bytes) if series.end else 0.0,
             "peak": mb(series.peak_rss),
         }
+
+
+# The processes whose CPU makes up a chain's cost per message (the load generator, and the
+# PostgreSQL server's background processes, which serve every database on the server, are
+# reported beside it, not in it).
+CHAIN_GROUPS = ("bridge", "ingest", "mosquitto", "nats", "postgres")
+
+
+def postgres_pids(application_name: str) -> dict[str, Callable[[], list[int]]]:
+    """The PostgreSQL server processes to sample, as pid sources asked at every sample:
+    `postgres`, the backends whose connections carry this application_name (the chain's own:
+    runbridge, runingest or the bare consumer), and `postgres_background`, the WAL writer,
+    checkpointer and background writer (shared with any other database on the server). Sampled
+    from /proc, so only when the server runs on this machine."""
+
+    def backends() -> list[int]:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s", [application_name])
+            return [row[0] for row in cursor.fetchall()]
+
+    def background() -> list[int]:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pid FROM pg_stat_activity "
+                "WHERE backend_type IN ('walwriter', 'checkpointer', 'background writer')"
+            )
+            return [row[0] for row in cursor.fetchall()]
+
+    return {"postgres": backends, "postgres_background": background}
+
+
+def cost_report(sampler: ProcSampler, stored: int, prefix: str, total_key: str) -> dict[str, Any]:
+    """Cores of every sampled group (`<prefix>cpu_cores_<group>`), core-ms per 1,000 stored
+    messages of each (`<prefix>core_ms_per_1k_<group>`) and of the chain's own (CHAIN_GROUPS,
+    `total_key`); the load generator and PostgreSQL's background processes are outside the total."""
+    per_1k = 1000 * 1000 / stored if stored else 0.0
+    report: dict[str, Any] = {f"{prefix}cpu_cores_{name}": round(sampler.cores(name), 2) for name in sampler.groups}
+    report.update(
+        {f"{prefix}core_ms_per_1k_{name}": round(sampler.cpu_seconds(name) * per_1k, 1) for name in sampler.groups}
+    )
+    report[total_key] = round(sum(sampler.cpu_seconds(n) for n in CHAIN_GROUPS if n in sampler.groups) * per_1k, 1)
+    report[f"{prefix}postgres_backends_sampled"] = sampler.pids_seen("postgres") if "postgres" in sampler.groups else 0
+    return report
 
 
 # --------------------------------------------------------------------------- pipeline processes
@@ -451,6 +558,40 @@ def postgres_server_settings() -> dict[str, str]:
     return {f"pg_{name}": found.get(name, "?") for name in names}
 
 
+@dataclass(frozen=True)
+class SustainedRate:
+    """What a chain stored per second, and which window that was measured over."""
+
+    msgs_per_s: float
+    basis: str
+    kept_up: bool
+    drain_seconds: float
+
+
+def sustained_rate(
+    *, stored: int, expected: int, first_send: float, last_send: float, first_stored: float, last_stored: float
+) -> SustainedRate:
+    """The sustained rate of a run (times in epoch seconds), measured the same way for every chain.
+
+    If the chain kept up (everything stored, the last message within a couple of seconds of the
+    last send) it stored at the offered rate over the load window, and stored / send duration is
+    the honest figure: the first and last stored_at sit on batch boundaries, so a short window
+    measured from them is noisy. If it fell behind, a backlog built up and it was busy from its
+    first to its last insert: then stored / (last stored_at - first stored_at) is its ceiling (a
+    long drain shows up here).
+    """
+    send_duration = max(0.0, last_send - first_send)
+    drain = max(0.0, last_stored - last_send) if stored else 0.0
+    kept_up = stored == expected and stored > 0 and drain <= max(2.0, 0.1 * send_duration)
+    if kept_up and send_duration > 0:
+        return SustainedRate(stored / send_duration, "load window (kept up)", True, drain)
+    if stored and last_stored > first_stored:
+        return SustainedRate(
+            stored / (last_stored - first_stored), "first to last stored_at (fell behind)", kept_up, drain
+        )
+    return SustainedRate(0.0, "nothing stored", kept_up, drain)
+
+
 def percentile(sorted_values: Sequence[float], fraction: float) -> float:
     """Nearest-rank percentile of already sorted values (0 for none)."""
     if not sorted_values:
@@ -530,8 +671,8 @@ class Bench:
         self.bench = bench
         self.out = out
         self.run_id = f"b{time.strftime('%m%d%H%M%S')}{uuid.uuid4().hex[:4]}"
-        redis_url = urlparse(settings.REDIS_URL)
-        self.celery_url = os.environ.get("BENCH_CELERY_BROKER_URL") or urlunparse(redis_url._replace(path="/13"))
+        # Empty: a private Redis is started for the tasks runingest queues (start_servers).
+        self.celery_url = os.environ.get("BENCH_CELERY_BROKER_URL", "")
         self.servers: list[ServerHandle] = []
         self.pipeline: Supervisor | None = None
         self.broker_stats: BrokerStats | None = None
@@ -540,6 +681,9 @@ class Bench:
         self.drain_complete = False
         self._dropped_before = 0.0
         self.live: LivePages | None = None
+        self.nats: ServerHandle | None = None
+        self.broker_url = ""
+        self.application_name = f"argus-bench-{self.run_id}"
 
     def log(self, text: str) -> None:
         self.out.write(f"bench: {text}\n")
@@ -561,20 +705,25 @@ class Bench:
             setattr(config, key, value)
         return config
 
+    @property
+    def log_dir(self) -> Path:
+        return Path(settings.BASE_DIR) / ".run" / "bench" / self.run_id
+
     def run(self) -> dict[str, Any]:
         migrate_database(self.log)
         devices = ensure_bench_devices(self.bench, self.log)
-        log_dir = Path(settings.BASE_DIR) / ".run" / "bench" / self.run_id
+        log_dir = self.log_dir
         env = self.start_servers(log_dir)
         base_id = max_raw_id()
         self.pipeline = start_pipeline(env, self.bench.ingesters, log_dir)
         self.warm_up(devices, base_id)
 
         broker = self.servers[0]
-        pids: dict[str, Sequence[int]] = {**pipeline_pids(self.pipeline), "mosquitto": [broker.pid]}
+        pids: dict[str, PidSource] = {**pipeline_pids(self.pipeline), "mosquitto": [broker.pid]}
         if self.bench.live_pages:
             self.live = LivePages(
-                env=env,
+                # Not named as the pipeline's connections: the live server is not part of the chain.
+                env={k: v for k, v in env.items() if k != "PGAPPNAME"},
                 log_dir=log_dir,
                 schema=SCHEMA,
                 host=f"{SCHEMA}.localhost",
@@ -585,7 +734,10 @@ class Bench:
             self.live.start_probe(broker.url, self.run_id)
             pids["live"] = [self.live.server.pid, *child_pids(self.live.server.pid)]
             self.log(f"{self.bench.live_pages} dashboard pages open on the live server (port {self.live.port})")
-        sampler = ProcSampler(pids)
+        if self.nats is not None:
+            pids["nats"] = [self.nats.pid]
+        pids.update(postgres_pids(self.application_name), load_generator=[os.getpid()])
+        sampler = ProcSampler(pids, reaped=["load_generator"])
         self.broker_stats = BrokerStats(broker.url, f"argus-bench-stats-{self.run_id}")
         time.sleep(0.5)  # the retained $SYS values arrive on subscribing
         dropped_before = self._dropped_before = self.broker_stats.values.get(BrokerStats.DROPPED, 0.0)
@@ -612,8 +764,8 @@ class Bench:
         self.broker_dropped = self.broker_stats.dropped_since(dropped_before, time.monotonic())
         self.log(f"stored {stored} of {result.sent} messages; stopping the pipeline")
         self.exit_codes.update(stop_pipeline(self.pipeline))
-        redis.Redis.from_url(self.celery_url).flushdb()
         report = self.analyse(base_id, prefix, result, sampler)
+        report.update(cost_report(sampler, report["stored"], "", "pipeline_core_ms_per_1k_msgs"))
         if live_report:
             report.update(live_report, cpu_cores_live=round(sampler.cores("live"), 2))
         return report
@@ -631,6 +783,13 @@ class Bench:
         broker = start_mosquitto(workdir=log_dir / "mosquitto")
         self.servers.append(broker)
         self.broker_url = broker.url
+        if not self.celery_url:
+            # The tasks runingest queues after every batch (and, in the alert bench, the worker
+            # that runs them) get a Redis of their own, thrown away afterwards: a database number
+            # on the shared Redis is shared with every other run (and tests) using that number.
+            celery_redis = start_redis(workdir=log_dir / "redis")
+            self.servers.append(celery_redis)
+            self.celery_url = celery_redis.url
         env = dict(os.environ)
         env.update(
             MQTT_URL=broker.url,
@@ -643,13 +802,16 @@ class Bench:
             # the per-device rate limit a real device has (BENCH_DEVICE_RATE sets one; default: none).
             ARGUS_BRIDGE_DEVICE_RATE=os.environ.get("BENCH_DEVICE_RATE", "0"),
             # runingest queues follow-up tasks after every batch and no worker runs here: keep them
-            # out of the real queue (a backlog there delays every real task), drop them afterwards.
+            # out of the real queue (a backlog there delays every real task).
             CELERY_BROKER_URL=self.celery_url,
+            # libpq names the pipeline's connections so that their backends can be found and sampled.
+            PGAPPNAME=self.application_name,
         )
         if self.bench.private_nats:
             nats = start_nats(workdir=log_dir / "nats")
             self.servers.append(nats)
             env["NATS_URL"] = nats.url
+            self.nats = nats
         self.log(
             f"run {self.run_id}: broker {broker.url}, NATS {env.get('NATS_URL', settings.NATS_URL)}, logs {log_dir}"
         )
@@ -750,26 +912,16 @@ class Bench:
         latencies.sort()
 
         stored_times = sorted(r.stored_ms for r in rows)
-        first_stored = stored_times[0] / 1000 if stored_times else 0.0
-        last_stored = stored_times[-1] / 1000 if stored_times else 0.0
-        send_duration = result.duration
-        drain_seconds = max(0.0, last_stored - result.last_send) if stored_times else 0.0
-        stored_count = len(seen)
-        # Sustained rate. If the pipeline kept up (everything stored, the last message within a
-        # couple of seconds of the last send) it stored at the offered rate over the load window,
-        # and stored / send duration is the honest figure: the first and last stored_at sit on
-        # batch boundaries, so a short window measured from them is noisy. If it fell behind, a
-        # backlog built up and it was busy from its first to its last insert: then stored /
-        # (last stored_at - first stored_at) is its ceiling (a long drain shows up here).
-        kept_up = stored_count == len(expected) and drain_seconds <= max(2.0, 0.1 * send_duration)
-        if kept_up and send_duration > 0:
-            sustained = stored_count / send_duration
-            sustained_basis = "load window (pipeline kept up)"
-        elif last_stored > first_stored:
-            sustained = stored_count / (last_stored - first_stored)
-            sustained_basis = "first to last stored_at (pipeline fell behind)"
-        else:
-            sustained, sustained_basis = 0.0, "nothing stored"
+        rate = sustained_rate(
+            stored=len(seen),
+            expected=len(expected),
+            first_send=result.first_send,
+            last_send=result.last_send,
+            first_stored=stored_times[0] / 1000 if stored_times else 0.0,
+            last_stored=stored_times[-1] / 1000 if stored_times else 0.0,
+        )
+        sustained, sustained_basis, kept_up = rate.msgs_per_s, rate.basis, rate.kept_up
+        send_duration, drain_seconds, stored_count = result.duration, rate.drain_seconds, len(seen)
         readings_ratio = stored_readings / len(accepted_ids) if accepted_ids else 0.0
 
         bridge_rss, ingest_rss = sampler.rss_mb("bridge"), sampler.rss_mb("ingest")
@@ -838,19 +990,104 @@ class Bench:
             server.stop()
 
 
+class BenchRun:
+    """What `manage.py bench` runs: the pipeline (`Bench`) and then the bare chain
+    (`devtools.baseline.BaselineChain`) under the same load from the same generator, back to back,
+    on the same private nats-server; one report with both and their ratio."""
+
+    def __init__(self, bench: BenchSettings, out: Writer) -> None:
+        self.bench = bench
+        self.pipeline = Bench(bench, out)
+        self.baseline: BaselineChain | None = None
+
+    def run(self) -> dict[str, Any]:
+        pipeline = self.pipeline
+        report: dict[str, Any] = {}
+        if self.bench.runs_pipeline:
+            report = pipeline.run()
+        else:
+            pipeline.log_dir.mkdir(parents=True, exist_ok=True)
+            nats = start_nats(workdir=pipeline.log_dir / "nats")
+            pipeline.servers.append(nats)
+            pipeline.nats = nats
+            report = {
+                "mode": self.bench.mode,
+                "rate": self.bench.rate,
+                "seconds": self.bench.seconds,
+                "devices": self.bench.devices,
+                "machine": machine_description(),
+                "run_id": pipeline.run_id,
+            }
+        if self.bench.runs_baseline:
+            nats_url = pipeline.nats.url if pipeline.nats is not None else settings.NATS_URL
+            self.baseline = BaselineChain(
+                run_id=pipeline.run_id, nats_url=nats_url, log_dir=pipeline.log_dir, log=pipeline.log
+            )
+            self.baseline.start()
+            devices = bench_device_ids(self.bench)
+            report.update(
+                self.baseline.measure(
+                    devices=devices,
+                    make_config=pipeline.sim_config,
+                    load=pipeline.sim_config(
+                        devices,
+                        "",
+                        rate=self.bench.rate,
+                        seconds=self.bench.seconds,
+                        processes=self.bench.sim_processes,
+                    ),
+                    nats_pid=pipeline.nats.pid if pipeline.nats is not None else None,
+                )
+            )
+            if self.bench.runs_pipeline and report["baseline_msgs_per_s"]:
+                report["ratio_to_baseline"] = round(report["sustained_msgs_per_s"] / report["baseline_msgs_per_s"], 3)
+        return report
+
+    def close(self) -> None:
+        try:
+            if self.baseline is not None:
+                self.baseline.close()
+        finally:
+            self.pipeline.close()
+
+
 def failures(report: dict[str, Any]) -> list[str]:
-    """Why the run counts as failed (empty: passed)."""
-    problems = [f"{key}={report[key]}" for key in ("lost", "duplicates", "rejected", "missing_readings") if report[key]]
+    """Why the run counts as failed (empty: passed): anything lost, duplicated, rejected, not
+    drained, not acknowledged by the broker, or nothing stored at all; the same for the bare
+    chain's part of the report (`baseline_*`) when it ran."""
+    keys = ("lost", "duplicates", "rejected", "missing_readings", "baseline_lost", "baseline_duplicates")
+    problems = [f"{key}={report[key]}" for key in keys if report.get(key)]
+    problems += chain_failures(report) + chain_failures(report, "baseline_")
     problems += [f"live_page_errors={report['live_page_errors']}"] if report.get("live_page_errors") else []
     if report.get("live_pages") and (report["live_probe_missed"] or not report["live_probe_deliveries"]):
         deliveries = report["live_probes"] * report["live_pages"]
         problems.append(f"live_probe_missed={report['live_probe_missed']} of {deliveries} deliveries")
     problems += [f"broker_dropped={report['broker_dropped']}"] if report.get("broker_dropped") else []
-    problems += [f"{name} exited with {code}" for name, code in report["exit_codes"].items() if code != 0]
+    exit_codes = {**report.get("exit_codes", {}), **report.get("baseline_exit_codes", {})}
+    problems += [f"{name} exited with {code}" for name, code in exit_codes.items() if code != 0]
     return problems
 
 
-def human_summary(report: dict[str, Any]) -> str:
+def chain_failures(report: dict[str, Any], prefix: str = "") -> list[str]:
+    """What every measured chain must do (keys `<prefix>sent`, ...): store something, drain
+    completely, and have every message it was offered acknowledged by the broker without errors."""
+    if f"{prefix}sent" not in report:
+        return []
+    problems = []
+    if not report[f"{prefix}stored"]:
+        problems.append(f"{prefix}stored=0")
+    if not report[f"{prefix}drain_complete"]:
+        problems.append(
+            f"{prefix}drain_complete=False ({report[f'{prefix}stored']} of {report[f'{prefix}sent']} stored)"
+        )
+    if report[f"{prefix}sim_errors"]:
+        problems.append(f"{prefix}sim_errors={report[f'{prefix}sim_errors']}")
+    if report[f"{prefix}acked_by_broker"] < report[f"{prefix}sent"]:
+        problems.append(f"{prefix}unacknowledged={report[f'{prefix}sent'] - report[f'{prefix}acked_by_broker']}")
+    return problems
+
+
+def pipeline_summary(report: dict[str, Any]) -> str:
     r = report
     return "\n".join(
         [
@@ -885,6 +1122,37 @@ def human_summary(report: dict[str, Any]) -> str:
             else []
         )
     )
+
+
+def cost_line(report: dict[str, Any], prefix: str, total_key: str) -> str:
+    """Core-ms per 1,000 stored messages of each sampled process, and the chain's total."""
+    marker = f"{prefix}core_ms_per_1k_"
+    parts = [
+        f"{key[len(marker) :]} {value}" for key, value in report.items() if key.startswith(marker) and key != total_key
+    ]
+    return f"  core-ms/1k  {'  '.join(parts)}  => chain {report[total_key]}"
+
+
+def human_summary(report: dict[str, Any]) -> str:
+    """The run in a few lines: the pipeline's, its cost, the bare chain's and the ratio."""
+    r = report
+    lines = []
+    if "sustained_msgs_per_s" in r:
+        lines.append(pipeline_summary(r))
+        if "pipeline_core_ms_per_1k_msgs" in r:
+            lines.append(cost_line(r, "", "pipeline_core_ms_per_1k_msgs"))
+    if "baseline_msgs_per_s" in r:
+        lines += [
+            f"Bare chain (devtools/baseline.py), same load: {r['baseline_msgs_per_s']:,.0f} msgs/s "
+            f"[{r['baseline_sustained_basis']}], offered {r['baseline_offered_msgs_per_s']:,.0f}",
+            f"  latency    p50 {r['baseline_p50_latency_ms']} ms  p99 {r['baseline_p99_latency_ms']} ms",
+            f"  integrity  lost {r['baseline_lost']}  duplicates {r['baseline_duplicates']}  "
+            f"stored {r['baseline_stored']} of {r['baseline_sent']}  exit codes {r['baseline_exit_codes']}",
+            cost_line(r, "baseline_", "baseline_core_ms_per_1k_msgs"),
+        ]
+    if "ratio_to_baseline" in r:
+        lines.append(f"ratio to the bare chain: {r['ratio_to_baseline']}")
+    return "\n".join(lines)
 
 
 def report_json(report: dict[str, Any]) -> str:

@@ -4,7 +4,7 @@ transaction is fully stored, while BENCH_TX_RATE such transactions per second ar
     DEBUG=1 .venv/bin/python -m devtools.chunk_bench
 
 Runs a private Mosquitto and nats-server, runbridge, runingest and `celery -A argus worker -c 2`
-(on its own Redis database, BENCH_CELERY_BROKER_URL, so no other worker takes its tasks) in
+(on a private redis-server unless BENCH_CELERY_BROKER_URL names one, so no other worker takes its tasks) in
 tenant `bench`. Latency is telemetry_transactions.completed_at - last_chunk_at: from the bridge
 receiving the last chunk to the reassembly writing every reading. The last line is one JSON object.
 
@@ -49,10 +49,12 @@ from django_tenants.utils import schema_context  # noqa: E402
 from argus.registry import registry_sync  # noqa: E402
 from devices.models import Device, DeviceRole, DeviceType, ProcessingMode  # noqa: E402
 from devtools.bench import (  # noqa: E402
+    DRAIN_IDLE_SECONDS,
     SCHEMA,
     BenchSettings,
     ProcSampler,
     child_pids,
+    count_stored,
     ensure_bench_devices,
     ensure_tenant,
     max_raw_id,
@@ -65,7 +67,7 @@ from devtools.bench import (  # noqa: E402
     stop_pipeline,
     stored_rows,
 )
-from devtools.services import start_mosquitto, start_nats  # noqa: E402
+from devtools.services import start_mosquitto, start_nats, start_redis  # noqa: E402
 from devtools.simulator import (  # noqa: E402
     CHILD_METRICS,
     SimulatorConfig,
@@ -196,20 +198,68 @@ def postgres_cpu_seconds() -> float:
     return total
 
 
-def endpoint_report(base_id: int, prefix: str, result: SimulatorResult | None) -> dict[str, Any]:
+def wait_stored(base_id: int, prefix: str, sent: int) -> bool:
+    """Wait until `sent` messages under prefix are stored, as long as rows keep arriving; False
+    when none has for DRAIN_IDLE_SECONDS."""
+    stored, last_change = -1, time.monotonic()
+    while True:
+        now_stored = count_stored(base_id, prefix)
+        if now_stored >= sent:
+            return True
+        if now_stored != stored:
+            stored, last_change = now_stored, time.monotonic()
+        elif time.monotonic() - last_change > DRAIN_IDLE_SECONDS:
+            return False
+        time.sleep(0.5)
+
+
+def endpoint_report(base_id: int, prefix: str, result: SimulatorResult | None, drained: bool) -> dict[str, Any]:
     """Latency (device ts to stored_at) and losses of the endpoint traffic sent alongside."""
     if result is None:
         return {}
     rows = stored_rows(base_id, prefix)
     latencies = sorted(r.stored_ms - r.ts_ms for r in rows if r.ts_ms is not None)
+    expected = set(result.msg_ids())
+    stored = {r.msg_id for r in rows}
     return {
         "endpoint_msgs_per_s": round(result.achieved_rate, 1),
         "endpoint_sent": result.sent,
-        "endpoint_lost": result.sent - len({r.msg_id for r in rows}),
+        "endpoint_acked_by_broker": result.acked,
+        "endpoint_sim_errors": result.errors,
+        "endpoint_drain_complete": drained,
+        "endpoint_lost": len(expected - stored),
+        "endpoint_unexpected": len(rows) - len(stored & expected),
         "endpoint_rejected": sum(r.status != "accepted" for r in rows),
         "endpoint_p50_latency_ms": round(percentile(latencies, 0.5), 1),
         "endpoint_p99_latency_ms": round(percentile(latencies, 0.99), 1),
     }
+
+
+def failures(report: dict[str, Any]) -> list[str]:
+    """Why the run counts as failed (empty: passed): a transaction not complete, readings missing,
+    anything of the endpoint feed lost, rejected or not drained, a message the broker did not
+    acknowledge, a child that did not exit cleanly."""
+    problems = []
+    sent, statuses = report["transactions_sent"], report["transactions"]
+    if not sent:
+        problems.append("transactions_sent=0")
+    if statuses.get("complete", 0) != sent:
+        problems.append(f"complete transactions {statuses.get('complete', 0)} of {sent} ({statuses})")
+    if report["readings"] != report["readings_expected"]:
+        problems.append(f"readings {report['readings']} of {report['readings_expected']}")
+    for key in ("sim_errors", "endpoint_lost", "endpoint_unexpected", "endpoint_rejected", "endpoint_sim_errors"):
+        if report.get(key):
+            problems.append(f"{key}={report[key]}")
+    if report.get("endpoint_drain_complete") is False:
+        problems.append("endpoint_drain_complete=False")
+    for sent_key, acked_key in (
+        ("chunks_sent", "chunks_acked_by_broker"),
+        ("endpoint_sent", "endpoint_acked_by_broker"),
+    ):
+        if sent_key in report and report[acked_key] < report[sent_key]:
+            problems.append(f"{sent_key}: {report[sent_key] - report[acked_key]} not acknowledged by the broker")
+    problems += [f"{name} exited with {code}" for name, code in report["exit_codes"].items() if code != 0]
+    return problems
 
 
 def main() -> int:
@@ -231,16 +281,25 @@ def main() -> int:
         log,
     )
     concurrency = os.environ.get("BENCH_WORKER_CONCURRENCY", "2")
+    beacon_metrics = int(os.environ.get("BENCH_BEACON_METRICS", "1"))
     run_id = f"c{time.strftime('%m%d%H%M%S')}{uuid.uuid4().hex[:4]}"
     log_dir = Path(settings.BASE_DIR) / ".run" / "chunk-bench" / run_id
     log_dir.mkdir(parents=True, exist_ok=True)
     broker = start_mosquitto(workdir=log_dir / "mosquitto")
     nats = start_nats(workdir=log_dir / "nats")
+    servers = [broker, nats]
+    celery_url = os.environ.get("BENCH_CELERY_BROKER_URL", "")
+    if not celery_url:
+        # A Redis of its own for the worker's queue: a database number on the shared Redis is
+        # shared with every other run using it (another database's worker would take the tasks).
+        celery_redis = start_redis(workdir=log_dir / "redis")
+        servers.append(celery_redis)
+        celery_url = celery_redis.url
     env = dict(os.environ)
     env.update(
         MQTT_URL=broker.url,
         NATS_URL=nats.url,
-        CELERY_BROKER_URL=os.environ.get("BENCH_CELERY_BROKER_URL", "redis://127.0.0.1:6379/14"),
+        CELERY_BROKER_URL=celery_url,
         ARGUS_BRIDGE_CLIENT_ID=f"argus-chunk-bench-{run_id}",
         ARGUS_BRIDGE_SHARE_GROUP="",
         ARGUS_BRIDGE_METRICS_PORT="0",
@@ -273,12 +332,11 @@ def main() -> int:
             "msg_id_prefix": prefix,
             "client_id_prefix": f"argus-chunk-bench-{run_id}",
             "lean": True,
-            "child_metrics": int(os.environ.get("BENCH_BEACON_METRICS", "1")),
+            "child_metrics": beacon_metrics,
         }
         values.update(overrides)
         return SimulatorConfig(**values)
 
-    code = 1
     try:
         # Warm-up: one transaction per gateway registers its 2000 beacons; repeat until the
         # bridge has subscribed (earlier messages are dropped by the broker).
@@ -343,6 +401,7 @@ def main() -> int:
             log(endpoint_result[0].summary_line())
         sent_tx = -(-result.sent // chunks)
         rows = wait_done(prefix, sent_tx, 120)
+        endpoint_drained = wait_stored(base_id, f"{run_id}-E-", endpoint_result[0].sent) if endpoint_result else True
         latencies = sorted(r[1] for r in rows if r[0] == "complete" and r[1] is not None)
         statuses: dict[str, int] = {}
         for r in rows:
@@ -353,26 +412,40 @@ def main() -> int:
             "transactions_sent": sent_tx,
             "transactions": statuses,
             "readings": sum(r[3] for r in rows),
+            "readings_expected": sent_tx * BEACONS * beacon_metrics,
+            "chunks_sent": result.sent,
+            "chunks_acked_by_broker": result.acked,
+            "sim_errors": result.errors,
             "p50_last_chunk_to_complete_ms": round(percentile(latencies, 0.5), 1),
             "p99_last_chunk_to_complete_ms": round(percentile(latencies, 0.99), 1),
             "max_last_chunk_to_complete_ms": round(latencies[-1], 1) if latencies else None,
             "worker_concurrency": int(concurrency),
-            **endpoint_report(base_id, f"{run_id}-E-", endpoint_result[0] if endpoint_result else None),
+            **endpoint_report(
+                base_id, f"{run_id}-E-", endpoint_result[0] if endpoint_result else None, endpoint_drained
+            ),
             **{f"cpu_cores_{name}": round(sampler.cores(name), 2) for name in sampler.groups},
             "cpu_cores_postgres": round(postgres_cores, 2),
             "cpu_cores_machine": round(sampler.machine_cores(), 2),
             **activity,
             **postgres_server_settings(),
         }
-        print(json.dumps(report), flush=True)
-        code = 0 if statuses.get("complete") == sent_tx else 1
     finally:
         worker.send_signal(signal.SIGTERM)
-        worker.wait(60)
-        stop_pipeline(pipeline)
-        nats.stop()
-        broker.stop()
-    return code
+        try:
+            exit_codes: dict[str, int | None] = {"celery-worker": worker.wait(60)}
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            exit_codes = {"celery-worker": None}
+        exit_codes.update(stop_pipeline(pipeline))
+        for server in servers:
+            server.stop()
+    report["exit_codes"] = exit_codes
+    problems = failures(report)
+    for problem in problems:
+        log(f"FAILED: {problem}")
+    # The JSON object is the last line: scripts read it with `tail -n 1`.
+    print(json.dumps(report), flush=True)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -398,6 +398,20 @@ def human_summary(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def failures(report: dict[str, Any]) -> list[str]:
+    """Why the run counts as failed (empty: passed): the table does not hold what was filled, a
+    selector returned nothing, or latest values are missing for some device-metric."""
+    problems = []
+    if report["rows"] != report["rows_expected"]:
+        problems.append(f"rows={report['rows']} of {report['rows_expected']}")
+    returned = report["returned"]
+    problems += [f"{name} returned nothing" for name in report["results"] if not returned.get(name)]
+    pairs = report["devices"] * report["metrics"]
+    if returned.get("latest_pairs") != pairs:
+        problems.append(f"latest_pairs={returned.get('latest_pairs')} of {pairs}")
+    return problems
+
+
 def main() -> int:
     config = HistoryBenchSettings.from_env()
     migrate_database(log)
@@ -424,6 +438,7 @@ def main() -> int:
     report = measure(config, devices, end)
     report.update(
         fill_seconds=fill_seconds,
+        rows_expected=expected,
         devices=len(devices),
         metrics=len(METRICS),
         machine=machine_description(),
@@ -432,8 +447,12 @@ def main() -> int:
         gc_frozen=config.gc_freeze,
     )
     print(human_summary(report), flush=True)
+    problems = failures(report)
+    for problem in problems:
+        log(f"FAILED: {problem}")
+    # The JSON object is the last line: scripts read it with `tail -n 1`.
     print(json.dumps(report, separators=(",", ":")), flush=True)
-    return 0
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -6,20 +6,21 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from devtools.bench import Bench, BenchSettings, failures, human_summary, report_json
+from devtools.bench import BenchRun, BenchSettings, failures, human_summary, report_json
 from devtools.supervisor import ChildError
 
 
 class Command(BaseCommand):
     help = (
         "Offer BENCH_RATE msgs/s (0 = flat out) for BENCH_SECONDS through a private Mosquitto, runbridge, "
-        "JetStream and runingest into tenant 'bench'; print a summary and, last, one JSON line. "
-        "Exits non-zero on lost or duplicate messages."
+        "JetStream and runingest into tenant 'bench', then the same load through a bare chain of the same parts "
+        "(BENCH_BASELINE=1: only that, 0: skip it); print a summary and, last, one JSON line. "
+        "Exits non-zero when anything is lost, duplicated, rejected or not drained."
     )
 
     def handle(self, *args: Any, **options: Any) -> None:
         try:
-            bench = Bench(BenchSettings.from_env(), self.stdout)
+            bench = BenchRun(BenchSettings.from_env(), self.stdout)
         except (ChildError, ValueError) as exc:
             raise CommandError(str(exc)) from exc
         try:
