@@ -3,7 +3,7 @@
 Any process may note a change (runingest after a committed batch: counts and the devices'
 newest values; Celery after an alert or a health score changed). Notes accumulate in memory
 per tenant; a background thread publishes one event per tenant with something pending every
-ARGUS_LIVE_INTERVAL_SECONDS, on channel `argus:live:<schema>`. So a tenant gets at most one
+ARGUS_LIVE_INTERVAL_SECONDS, on channel `argus:live:<database>:<schema>`. So a tenant gets at most one
 event per interval per process, however fast its devices send, and an event never holds more
 than ARGUS_LIVE_MAX_ITEMS entries per section (the newest win). Live updates are a view, not a
 record: an event lost with a restarting process or Redis costs an open page one refresh of
@@ -31,14 +31,18 @@ import orjson
 from django.conf import settings
 from redis.exceptions import RedisError
 
+from argus.cache import database_identity
+
 log = logging.getLogger(__name__)
 
 CHANNEL_PREFIX = "argus:live:"
 
 
 def channel(schema: str) -> str:
-    """The pub/sub channel of a tenant's live events."""
-    return CHANNEL_PREFIX + schema
+    """The pub/sub channel of a tenant's live events: `argus:live:<database>:<schema>`. One Redis
+    may serve several databases (argus/cache.py), each with its own tenant of this name: a page
+    hears only its own database's tenant."""
+    return f"{CHANNEL_PREFIX}{database_identity()}:{schema}"
 
 
 @dataclass
@@ -116,8 +120,8 @@ class Coalescer:
 
         try:
             pipe = get_redis_connection("default").pipeline(transaction=False)
-            for schema, event in events.items():
-                pipe.publish(channel(schema), orjson.dumps(event))
+            for name, event in events.items():
+                pipe.publish(name, orjson.dumps(event))
             pipe.execute()
         except RedisError:
             # A view, not a record: the next event carries what changes next.
@@ -141,10 +145,10 @@ coalescer = Coalescer()
 def note_counts(schema: str, **counts: int) -> None:
     """Count messages/readings stored for a tenant (no-op when live updates are off)."""
     if settings.ARGUS_LIVE_INTERVAL_SECONDS > 0:
-        coalescer.count(schema, **counts)
+        coalescer.count(channel(schema), **counts)
 
 
 def note(schema: str, section: str, items: dict[str, Any]) -> None:
     """Note changed entries of a section for a tenant (no-op when live updates are off)."""
     if settings.ARGUS_LIVE_INTERVAL_SECONDS > 0 and items:
-        coalescer.update(schema, section, items)
+        coalescer.update(channel(schema), section, items)

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import orjson
 import redis.asyncio as aioredis
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.core.handlers.asgi import ASGIRequest
@@ -70,7 +71,8 @@ async def events(request: HttpRequest) -> HttpResponseBase:
         devices = _devices_of_page(request.GET.get("devices"))
     except ValueError as exc:
         return JsonResponse({"detail": str(exc)}, status=400)
-    response = StreamingHttpResponse(_stream(schema, devices), content_type="text/event-stream")
+    name = await sync_to_async(channel)(schema)  # it names the database: one query, once
+    response = StreamingHttpResponse(_stream(name, devices), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"  # a reverse proxy must not hold events back
     return response
@@ -99,10 +101,10 @@ def _for_page(data: bytes, devices: frozenset[str] | None) -> bytes:
     return orjson.dumps(event)
 
 
-async def _stream(schema: str, devices: frozenset[str] | None = None) -> AsyncIterator[bytes]:
+async def _stream(name: str, devices: frozenset[str] | None = None) -> AsyncIterator[bytes]:
     client = aioredis.Redis.from_url(str(settings.CACHES["default"]["LOCATION"]))
     pubsub = client.pubsub()
-    await pubsub.subscribe(channel(schema))
+    await pubsub.subscribe(name)
     ping = settings.ARGUS_LIVE_PING_SECONDS
     try:
         # Reconnect after 2 s when the stream breaks (EventSource does it by itself).
@@ -121,4 +123,4 @@ async def _stream(schema: str, devices: frozenset[str] | None = None) -> AsyncIt
             await pubsub.aclose()
             await client.aclose()
         except (RedisError, OSError):
-            log.warning("closing the live stream of %s failed", schema, exc_info=True)
+            log.warning("closing the live stream of %s failed", name, exc_info=True)

@@ -13,6 +13,7 @@ from django.conf import settings
 from django.test import Client
 from django_tenants.utils import schema_context
 
+from argus.cache import database_identity
 from argus.live import Coalescer, channel
 from dashboard.views import _devices_of_page, _for_page
 from tests.conftest import TenantPersona, tenant_admin_client
@@ -37,15 +38,17 @@ def test_it_coalesces_any_number_of_notes_into_one_bounded_event_per_tenant(sett
     assert live.take() == {}  # nothing new, nothing sent
 
 
-def test_it_publishes_each_tenants_event_on_its_own_channel() -> None:
+def test_it_publishes_each_tenants_event_on_its_own_channel(db: None) -> None:
+    # The channel names the database too: another database's tenant `alpha` is not this one.
+    assert channel("alpha") == f"argus:live:{database_identity()}:alpha"
     client = redis.Redis.from_url(str(settings.CACHES["default"]["LOCATION"]))
     pubsub = client.pubsub()
     pubsub.subscribe(channel("alpha"))
     subscribed = pubsub.get_message(timeout=2)
     assert subscribed is not None and subscribed["type"] == "subscribe"
     live = Coalescer()
-    live.update("alpha", "alerts", {"7": {"status": "open"}})
-    live.update("beta", "alerts", {"8": {"status": "open"}})
+    live.update(channel("alpha"), "alerts", {"7": {"status": "open"}})
+    live.update(channel("beta"), "alerts", {"8": {"status": "open"}})
     assert live.flush() == 2
     message = pubsub.get_message(timeout=2)
     assert message is not None
