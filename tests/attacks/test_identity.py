@@ -185,11 +185,10 @@ def test_it_binds_the_client_id_to_the_username_on_every_authenticated_shipped_l
         elif current is not None:
             current[tokens[0]] = " ".join(tokens[1:])
     authenticated = {port: d for port, d in listeners.items() if d.get("allow_anonymous") == "false"}
-    assert set(authenticated) == {"8883", "9001"}
-    assert {port: d.get("use_username_as_clientid") for port, d in authenticated.items()} == {
-        "8883": "true",
-        "9001": "true",
-    }
+    assert set(authenticated) == {"8883"}
+    assert {port: d.get("use_username_as_clientid") for port, d in authenticated.items()} == {"8883": "true"}
+    # The WebSocket listener, which had no working authentication, is gone.
+    assert not any(d.get("protocol") == "websockets" for d in listeners.values())
 
 
 def test_it_writes_the_client_id_binding_into_the_generated_listener(tmp_path: Path) -> None:
