@@ -33,7 +33,7 @@ from assets.models import (
     WebhookDelivery,
     WebhookEndpoint,
 )
-from assets.provisioning import COLUMNS, ProvisionFileError, check_row_count, provision_devices
+from assets.provisioning import COLUMNS, ProvisionFileError, check_row_count, devices_provision
 from assets.tasks import send_followups
 from devices.admin import DeviceAdmin
 from devices.models import Device
@@ -235,7 +235,7 @@ class DeviceProvisionResource(resources.Resource):
             result.append_invalid_row(0, {}, ValidationError(str(exc)))
             return result
         # The admin confirms only a file without refusals, so its import is all or nothing.
-        report = provision_devices(rows=rows, all_or_nothing=True, dry_run=dry_run)
+        report = devices_provision(rows=rows, all_or_nothing=True, dry_run=dry_run)
         result.total_rows = len(rows)
         for outcome, row in zip(report.outcomes, rows, strict=True):
             if outcome.action == "refused":

@@ -264,7 +264,7 @@ def _check_identities(planned: list[_Planned], existing: dict[str, Device]) -> N
 # --------------------------------------------------------------------------- writing
 
 
-def provision_devices(
+def devices_provision(
     *, rows: Sequence[dict[str, Any]], all_or_nothing: bool = False, dry_run: bool = False
 ) -> ProvisionReport:
     """Validate every row, then write the valid ones (devices, their registry rows, their asset

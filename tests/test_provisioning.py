@@ -21,7 +21,7 @@ from pytest_django.fixtures import SettingsWrapper
 
 from argus.models import DeviceAPIKey, DeviceRegistration
 from assets.models import Asset, AssetDevice, AssetType
-from assets.provisioning import ProvisionFileError, provision_devices, read_rows
+from assets.provisioning import ProvisionFileError, devices_provision, read_rows
 from devices import pki
 from devices.models import Device, DeviceRole, DeviceType, ProcessingMode
 from tests.conftest import TenantPersona, make_device, make_device_type, tenant_admin_client, unique_id
@@ -51,7 +51,7 @@ def test_it_creates_gateways_children_metadata_and_asset_links_from_csv(types: t
         ),
         fmt="csv",
     )
-    report = provision_devices(rows=rows)
+    report = devices_provision(rows=rows)
     assert report.written and [o.action for o in report.outcomes] == ["created"] * 3
     devices = {d.logical_identifier: d for d in Device.objects.filter(logical_identifier__in=[gw, child, solo])}
     assert devices[child].parent_device == devices[gw] and devices[child].device_role == DeviceRole.CHILD
@@ -70,9 +70,9 @@ def test_it_reports_unchanged_and_updated_rows_on_a_second_run(types: tuple[Devi
         {"logical_identifier": first, "name": "one", "device_type": endpoint.name},
         {"logical_identifier": second, "name": "two", "device_type": endpoint.name},
     ]
-    provision_devices(rows=rows)
+    devices_provision(rows=rows)
     rows[1]["name"] = "two, renamed"
-    report = provision_devices(rows=rows)
+    report = devices_provision(rows=rows)
     assert [o.action for o in report.outcomes] == ["unchanged", "updated"]
     assert Device.objects.get(logical_identifier=second).name == "two, renamed"
 
@@ -99,7 +99,7 @@ def test_it_refuses_each_bad_row_with_its_reason_and_writes_the_rest(
         {"logical_identifier": unique_id("EP"), "device_type": endpoint.name, "assets": ["No such asset"]},
         {"device_type": endpoint.name},
     ]
-    report = provision_devices(rows=rows)
+    report = devices_provision(rows=rows)
     assert report.written
     outcomes = report.outcomes
     assert [o.action for o in outcomes] == ["created"] + ["refused"] * 11
@@ -125,9 +125,9 @@ def test_it_writes_nothing_all_or_nothing_or_on_a_dry_run(types: tuple[DeviceTyp
     endpoint, _ = types
     good = unique_id("EP")
     rows = [{"logical_identifier": good, "device_type": endpoint.name}, {"logical_identifier": "", "device_type": ""}]
-    report = provision_devices(rows=rows, all_or_nothing=True)
+    report = devices_provision(rows=rows, all_or_nothing=True)
     assert not report.written and [o.action for o in report.outcomes] == ["created", "refused"]
-    assert provision_devices(rows=rows[:1], dry_run=True).written is False
+    assert devices_provision(rows=rows[:1], dry_run=True).written is False
     assert not Device.objects.filter(logical_identifier=good).exists()
 
 
@@ -140,7 +140,7 @@ def test_it_provisions_many_rows_in_a_fixed_number_of_queries(types: tuple[Devic
         for i in range(480)
     ]
     with CaptureQueriesContext(connection) as queries:
-        report = provision_devices(rows=rows)
+        report = devices_provision(rows=rows)
     assert report.count("created") == 500
     assert len(queries) <= 20, [q["sql"][:80] for q in queries.captured_queries]
 

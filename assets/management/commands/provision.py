@@ -14,7 +14,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 from django_tenants.utils import get_tenant_model, schema_context
 
-from assets.provisioning import ProvisionFileError, outcome_lines, provision_devices, read_rows
+from assets.provisioning import ProvisionFileError, devices_provision, outcome_lines, read_rows
 from devices import pki
 from devices.models import Device
 from devices.services import api_key_create, certificate_issue, passphrase_from_env
@@ -48,7 +48,7 @@ class Command(BaseCommand):
         except ProvisionFileError as exc:
             raise CommandError(f"{path}: {exc}") from exc
         with schema_context(options["schema"]):
-            report = provision_devices(rows=rows, all_or_nothing=options["all_or_nothing"], dry_run=options["dry_run"])
+            report = devices_provision(rows=rows, all_or_nothing=options["all_or_nothing"], dry_run=options["dry_run"])
             for line in outcome_lines(report.outcomes):
                 self.stdout.write(line)
             devices = [o.device for o in report.outcomes if o.device is not None and o.action != "refused"]
