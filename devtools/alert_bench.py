@@ -70,17 +70,16 @@ from devtools.bench import (  # noqa: E402
     SCHEMA,
     Bench,
     BenchSettings,
-    ProcSampler,
     child_pids,
     ensure_bench_devices,
     failures,
     human_summary,
     migrate_database,
-    percentile,
     pipeline_pids,
     start_pipeline,
     stop_pipeline,
 )
+from devtools.measure import ProcSampler, percentile  # noqa: E402
 from devtools.simulator import LeanMqttPublisher, SimulatorConfig, SimulatorResult, run_simulation  # noqa: E402
 from devtools.supervisor import BEAT_READY, WORKER_READY, celery, log_says  # noqa: E402
 

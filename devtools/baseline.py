@@ -35,6 +35,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from devtools.measure import (
+    DRAIN_IDLE_SECONDS,
+    PidSource,
+    ProcSampler,
+    cost_report,
+    like_prefix,
+    percentile,
+    postgres_pids,
+    sustained_rate,
+)
+
 STREAM_PREFIX = "BASELINE"
 SCHEMA = "bench_baseline"
 READY = "baseline ready"
@@ -391,12 +402,10 @@ class BaselineChain:
     def count(self, prefix: str) -> int:
         from django.db import connection
 
-        from devtools.bench import _like_prefix
-
         with connection.cursor() as cursor:
             if prefix:
                 sql = f"SELECT count(*) FROM {table_name(self.run_id)} WHERE msg_id LIKE %s"
-                cursor.execute(sql, [_like_prefix(prefix)])
+                cursor.execute(sql, [like_prefix(prefix)])
             else:
                 cursor.execute(f"SELECT count(*) FROM {table_name(self.run_id)}")
             return int(cursor.fetchone()[0])
@@ -405,13 +414,11 @@ class BaselineChain:
         """(msg_id, stored_at ms, device ts ms) of the stored messages whose msg_id starts with prefix."""
         from django.db import connection
 
-        from devtools.bench import _like_prefix
-
         with connection.cursor() as cursor:
             cursor.execute(
                 f"SELECT msg_id, extract(epoch FROM stored_at) * 1000, ts_ms FROM {table_name(self.run_id)} "
                 "WHERE msg_id LIKE %s",
-                [_like_prefix(prefix)],
+                [like_prefix(prefix)],
             )
             return [(r[0], float(r[1]), float(r[2])) for r in cursor.fetchall()]
 
@@ -429,15 +436,6 @@ class BaselineChain:
         wait for the drain and report as the bench reports the pipeline, keys prefixed `baseline_`.
 
         make_config(devices, prefix, **overrides) builds the simulator config the bench uses."""
-        from devtools.bench import (
-            DRAIN_IDLE_SECONDS,
-            PidSource,
-            ProcSampler,
-            cost_report,
-            percentile,
-            postgres_pids,
-            sustained_rate,
-        )
         from devtools.simulator import run_simulation
 
         run = self.run_id

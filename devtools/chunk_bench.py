@@ -49,17 +49,14 @@ from django_tenants.utils import schema_context  # noqa: E402
 from argus.registry import registry_sync  # noqa: E402
 from devices.models import Device, DeviceRole, DeviceType, ProcessingMode  # noqa: E402
 from devtools.bench import (  # noqa: E402
-    DRAIN_IDLE_SECONDS,
     SCHEMA,
     BenchSettings,
-    ProcSampler,
     child_pids,
     count_stored,
     ensure_bench_devices,
     ensure_tenant,
     max_raw_id,
     migrate_database,
-    percentile,
     pipeline_pids,
     postgres_activity,
     postgres_server_settings,
@@ -67,6 +64,7 @@ from devtools.bench import (  # noqa: E402
     stop_pipeline,
     stored_rows,
 )
+from devtools.measure import DRAIN_IDLE_SECONDS, ProcSampler, percentile  # noqa: E402
 from devtools.services import start_mosquitto, start_nats, start_redis  # noqa: E402
 from devtools.simulator import (  # noqa: E402
     CHILD_METRICS,

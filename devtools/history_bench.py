@@ -56,7 +56,8 @@ from django_tenants.utils import schema_context  # noqa: E402
 from argus.registry import registry_sync  # noqa: E402
 from argus.runner import freeze_startup_objects  # noqa: E402
 from devices.models import Device, DeviceRole, DeviceType, ProcessingMode  # noqa: E402
-from devtools.bench import ensure_tenant, machine_description, migrate_database, percentile  # noqa: E402
+from devtools.bench import ensure_tenant, machine_description, migrate_database  # noqa: E402
+from devtools.measure import percentile  # noqa: E402
 from telemetry import selectors  # noqa: E402
 
 SCHEMA = "historybench"

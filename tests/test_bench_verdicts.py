@@ -11,12 +11,10 @@ from devtools import alert_bench, baseline, chunk_bench, history_bench
 from devtools.bench import (
     BenchError,
     BenchSettings,
-    ProcSampler,
-    cost_report,
     failures,
     human_summary,
-    sustained_rate,
 )
+from devtools.measure import ProcSampler, cost_report, sustained_rate
 
 
 def chain(prefix: str = "", **overrides: Any) -> dict[str, Any]:
