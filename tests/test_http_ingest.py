@@ -25,10 +25,12 @@ from django.contrib.auth import get_user_model
 from django.core.management import CommandError, call_command
 from django.db import connection
 from django.test import Client
+from django_redis import get_redis_connection
 from django_tenants.utils import schema_context
 from nats.js.api import RawStreamMsg
 from pytest_django.fixtures import SettingsWrapper
 
+from argus.cache import database_identity
 from argus.registry import use_public_schema
 from devices import pki
 from devices.models import Device, DeviceCertificate, DeviceStatus, DeviceType
@@ -382,6 +384,10 @@ def test_it_answers_429_after_the_devices_rate_limit(
         other = make_device(DeviceType.objects.get(pk=device.device_type_id))
     other_key = api_key_create(logical_id=other.logical_identifier)[1]
     assert post('{"values": {"temperature": 1}}', f"Api-Key {other_key}").status_code == 202
+    # The budget is this database's: another database on the same Redis with a device of this
+    # id counts under its own key.
+    keys = get_redis_connection("default").keys(f"argus:ratelimit:*:device:{device.logical_identifier}:*")
+    assert [k.decode().split(":")[2] for k in keys] == [database_identity()]
 
 
 def test_it_answers_503_when_nats_is_down(device: Device, api_key: str, settings: SettingsWrapper) -> None:

@@ -13,6 +13,7 @@ from redis.exceptions import RedisError
 from rest_framework.request import Request
 from rest_framework.throttling import BaseThrottle
 
+from argus.cache import database_identity
 from devices.authentication import DeviceIdentity
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,9 @@ class DeviceRateThrottle(BaseThrottle):
         limit, period = parse_rate(settings.ARGUS_HTTP_RATE_LIMIT)
         now = time.time()
         window = int(now // period)
-        key = f"argus:ratelimit:device:{identity.logical_id}:{period}:{window}"
+        # The database's identity first, as in the cache keys (argus/cache.py): one Redis may serve
+        # several databases, each with a device of this id, and each has its own budget.
+        key = f"argus:ratelimit:{database_identity()}:device:{identity.logical_id}:{period}:{window}"
         try:
             pipe = get_redis_connection("default").pipeline(transaction=True)
             pipe.set(key, 0, ex=period + 1, nx=True)
