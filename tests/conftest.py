@@ -23,6 +23,7 @@ from django_tenants.utils import schema_context
 
 from argus.models import Domain, Organization
 from argus.registry import use_public_schema
+from devices import pki
 from devices.models import Device, DeviceType, ProcessingMode
 from devtools.services import ServerHandle, start_mosquitto, start_nats
 from tests.pipeline import Pipeline
@@ -162,6 +163,15 @@ def make_device(device_type: DeviceType, **overrides: Any) -> Device:
     values: dict[str, Any] = {"name": "test device", "logical_identifier": unique_id("DEV")}
     values.update(overrides)
     return Device.objects.create(device_type=device_type, **values)
+
+
+@pytest.fixture
+def pki_dir(tmp_path: Path, settings: Any) -> Path:
+    """A fresh CA that settings point at (ARGUS_PKI_DIR)."""
+    out = tmp_path / "pki"
+    pki.init_ca(out)
+    settings.ARGUS_PKI_DIR = out
+    return out
 
 
 def tenant_admin_client(persona: TenantPersona) -> Client:

@@ -9,15 +9,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from django_tenants.utils import schema_context
-from pytest_django.fixtures import SettingsWrapper
 
 from argus.models import CertificateLedgerEntry, DeviceAPIKey
-from devices import pki
 from devices.models import Device
 from devices.services import api_key_create, certificate_issue
 from telemetry.models import TelemetryHistory, TelemetryRaw
@@ -123,14 +120,6 @@ def test_it_issues_api_keys_shown_once_and_revokes_them(db: None, alpha: TenantP
     client.post("/admin/devices/device/", {"action": "revoke_api_keys", "_selected_action": [device.pk], "index": 0})
     api_key.refresh_from_db()
     assert api_key.revoked
-
-
-@pytest.fixture
-def pki_dir(tmp_path: Path, settings: SettingsWrapper) -> Path:
-    out = tmp_path / "pki"
-    pki.init_ca(out)
-    settings.ARGUS_PKI_DIR = out
-    return out
 
 
 def test_it_revokes_a_devices_certificates(db: None, alpha: TenantPersona, pki_dir: Path) -> None:

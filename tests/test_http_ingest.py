@@ -77,15 +77,6 @@ def api_key(device: Device) -> str:
     return api_key_create(logical_id=device.logical_identifier)[1]
 
 
-@pytest.fixture
-def pki_dir(tmp_path: Path, settings: SettingsWrapper) -> Path:
-    """A fresh CA that settings point at."""
-    out = tmp_path / "pki"
-    pki.init_ca(out)
-    settings.ARGUS_PKI_DIR = out
-    return out
-
-
 def post(body: bytes | str, authorization: str | None, host: str = PUBLIC_HOST) -> Any:
     # CSRF checks on, as for a browser: a device has no CSRF token and must not need one.
     client = Client(HTTP_HOST=host, enforce_csrf_checks=True)

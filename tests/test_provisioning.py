@@ -171,14 +171,6 @@ def test_it_bounds_a_files_rows(settings: SettingsWrapper) -> None:
 # --------------------------------------------------------------------------- the command
 
 
-@pytest.fixture
-def pki_dir(tmp_path: Path, settings: SettingsWrapper) -> Path:
-    out = tmp_path / "pki"
-    pki.init_ca(out)
-    settings.ARGUS_PKI_DIR = out
-    return out
-
-
 def test_the_command_issues_certificate_bundles_and_api_keys(
     db: None, alpha: TenantPersona, pki_dir: Path, tmp_path: Path
 ) -> None:
