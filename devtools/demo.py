@@ -47,6 +47,7 @@ from devtools.supervisor import (
     Supervisor,
     celery,
     http_ok,
+    live_server,
     log_says,
     manage,
 )
@@ -511,20 +512,7 @@ class Demo:
         # The dashboard's event stream: ASGI under gunicorn (uvicorn's worker class), one process.
         sup.add(
             "live",
-            [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "argus.asgi:application",
-                "--worker-class",
-                "uvicorn_worker.UvicornWorker",
-                "--bind",
-                f"127.0.0.1:{self.live_port}",
-                "--workers",
-                "1",
-                "--graceful-timeout",
-                "10",
-            ],
+            live_server(int(self.live_port), "--workers", "1", "--graceful-timeout", "10"),
             http_ok(f"http://127.0.0.1:{self.live_port}/healthz"),
         )
         sup.add("bridge", manage("runbridge"), log_says(BRIDGE_READY))

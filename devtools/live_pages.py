@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import http.client
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -29,7 +28,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from devices.models import Device
 from devtools.services import free_port, port_open
 from devtools.simulator import TOPIC
-from devtools.supervisor import Child, ChildError
+from devtools.supervisor import Child, ChildError, live_server
 
 PROBE_METRIC = "temperature"
 
@@ -55,10 +54,7 @@ class LivePages:
         self.port = free_port()
         self.server = Child(
             "live",
-            [
-                *(sys.executable, "-m", "gunicorn", "argus.asgi:application"),
-                *("--worker-class", "uvicorn_worker.UvicornWorker", "--bind", f"127.0.0.1:{self.port}"),
-            ],
+            live_server(self.port),
             log_dir / "live.log",
             env=env,
         )

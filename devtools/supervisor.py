@@ -39,6 +39,15 @@ def manage(command: str, *args: str) -> list[str]:
     return [sys.executable, str(PROJECT_ROOT / "manage.py"), command, *args]
 
 
+def live_server(port: int, *args: str) -> list[str]:
+    """The argv of the ASGI server (the dashboard's event streams; the Procfile's `live`): gunicorn
+    with uvicorn's worker class on 127.0.0.1:port, with this interpreter."""
+    return [
+        *(sys.executable, "-m", "gunicorn", "argus.asgi:application"),
+        *("--worker-class", "uvicorn_worker.UvicornWorker", "--bind", f"127.0.0.1:{port}", *args),
+    ]
+
+
 def celery(*args: str) -> list[str]:
     """The argv of `celery -A argus ARGS` with this interpreter."""
     return [sys.executable, "-m", "celery", "-A", "argus", *args]

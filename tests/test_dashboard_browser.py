@@ -7,7 +7,6 @@ an alert opens and is acknowledged from the page. A screenshot is kept under
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -29,7 +28,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from assets.models import Alert, Asset, AssetDevice, AssetType, ThresholdRule
 from devices.models import Device
 from devtools.services import ServerHandle, free_port, port_open
-from devtools.supervisor import Child
+from devtools.supervisor import Child, live_server
 from tests.conftest import TenantPersona, make_device, make_device_type, unique_id
 from tests.pipeline import ROOT, Celery, Pipeline, publisher, wait_for
 
@@ -64,10 +63,7 @@ def site(
     # DEBUG: the dashboard's own script and stylesheet are served by the app (no CDN).
     asgi = Child(
         "uvicorn",
-        [
-            *(sys.executable, "-m", "gunicorn", "argus.asgi:application"),
-            *("--worker-class", "uvicorn_worker.UvicornWorker", "--bind", f"127.0.0.1:{port}"),
-        ],
+        live_server(port),
         tmp_path / "uvicorn.log",
         env={**pipeline.env, "DEBUG": "1"},
     )
