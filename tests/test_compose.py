@@ -11,6 +11,7 @@ on ARGUS_WORKER_METRICS_ADDR.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
@@ -149,3 +150,65 @@ def test_every_process_that_serves_probes_is_health_checked_on_its_readyz() -> N
     # Processes without an HTTP server must not inherit the image's check of the web's port.
     for name in ("pki", "migrate", "beat"):
         assert services[name]["healthcheck"] == {"disable": True}
+
+
+def _bind_sources(services: dict[str, Any]) -> list[tuple[str, Path]]:
+    """(service, host path) of every bind mount, as compose resolves them (absolute)."""
+    return [
+        (name, Path(volume["source"]))
+        for name, service in services.items()
+        for volume in service.get("volumes", [])
+        if volume["type"] == "bind"
+    ]
+
+
+def test_every_file_a_service_mounts_is_in_the_checkout() -> None:
+    result = compose_config(COMPOSE)
+    assert result.returncode == 0, result.stderr
+    mounts = _bind_sources(json.loads(result.stdout)["services"])
+    assert len(mounts) >= 8  # the broker's config and ACL, PostgreSQL's, Prometheus', Grafana's
+    for service, source in mounts:
+        assert source.exists(), f"{service} mounts {source}, which a clean checkout does not have"
+        assert ROOT in source.parents, f"{service} mounts {source} from outside the checkout"
+
+
+def _dockerignored(relative: str) -> bool:
+    patterns = [
+        line.strip()
+        for line in (ROOT / "docker" / "Dockerfile.dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    parts = Path(relative).parts
+    return any(
+        fnmatch.fnmatch(relative, p) or fnmatch.fnmatch(parts[0], p) or fnmatch.fnmatch(relative, p.removeprefix("**/"))
+        for p in patterns
+    )
+
+
+def test_every_project_file_a_service_command_runs_is_in_the_image() -> None:
+    # Commands run in the image's /app (the checkout minus Dockerfile.dockerignore).
+    referenced = set()
+    for service in _services().values():
+        command = service.get("command", [])
+        argv = command.split() if isinstance(command, str) else list(command)
+        referenced |= {a.split("=", 1)[-1] for a in argv if re.fullmatch(r"(--[a-z-]+=)?[\w./-]+\.(py|sh)", a)}
+    assert {"manage.py", "docker/pki-init.sh", "gunicorn.conf.py"} <= referenced
+    for relative in referenced:
+        assert (ROOT / relative).is_file(), f"a service runs {relative}, which is not in the checkout"
+        assert not _dockerignored(relative), f"a service runs {relative}, which Dockerfile.dockerignore leaves out"
+
+
+def test_the_demo_profile_seeds_after_migrating() -> None:
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"), "SECRET_KEY": "for-the-test"}
+    result = subprocess.run(
+        [*compose_command(), "-f", str(COMPOSE), "--profile", "demo", "config", "--format", "json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    seed = json.loads(result.stdout)["services"]["seed"]
+    assert seed["command"] == ["python", "manage.py", "seed_iot"]
+    assert seed["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
