@@ -212,3 +212,17 @@ def test_the_demo_profile_seeds_after_migrating() -> None:
     seed = json.loads(result.stdout)["services"]["seed"]
     assert seed["command"] == ["python", "manage.py", "seed_iot"]
     assert seed["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+
+
+def test_every_long_running_service_has_a_health_check() -> None:
+    result = compose_config(COMPOSE)
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    # One-shot jobs, and beat, which serves nothing to ask: their check is switched off on purpose.
+    unchecked = {"pki", "migrate", "beat"}
+    for name, service in services.items():
+        if name in unchecked:
+            assert service["healthcheck"] == {"disable": True}, name
+            continue
+        assert service.get("healthcheck", {}).get("test"), f"{name} has no health check"
+        assert service["restart"] == "unless-stopped", name
