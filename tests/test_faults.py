@@ -49,3 +49,43 @@ def test_it_runs_a_shortened_ingest_killed_fault(live_db: None, alpha: TenantPer
         "seconds": 0,
         "problems": [],
     }
+
+
+@pytest.mark.integration
+def test_it_runs_a_shortened_nats_node_kill_on_a_three_node_cluster(
+    live_db: None, alpha: TenantPersona, tmp_path: Path
+) -> None:
+    # Messages published over MQTT and stored in PostgreSQL through a three-node JetStream
+    # cluster (streams R3), the stream leader's node SIGKILLed in between and started again.
+    with schema_context(alpha.schema):
+        device = make_device(make_device_type())
+    fault = dataclasses.replace(FAULTS["nats-node-kill"], rate=100, before=2, during=4, after=2)
+    run = FaultRun(
+        fault,
+        schema=alpha.schema,
+        logical_id=device.logical_identifier,
+        log_dir=tmp_path,
+        env=pipeline_env(mqtt_url="", nats_url="", client_id=""),
+        log=lambda text: None,
+    )
+    try:
+        outcome = run.run()
+        assert run.cluster is not None
+        assert len(run.cluster.url.split(",")) == 3
+    finally:
+        run.close()
+    result = outcome.as_dict()
+    assert not outcome.problems, outcome.problems
+    assert 0 < result["details"]["publishing_resumed_s"] <= 15
+    assert result | {"seconds": 0, "details": {}} == {
+        "fault": "nats-node-kill",
+        "acked": 800,
+        "stored": 800,
+        "lost": 0,
+        "duplicates": 0,
+        "passed": True,
+        "sent": 800,
+        "seconds": 0,
+        "problems": [],
+        "details": {},
+    }
