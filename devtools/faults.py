@@ -431,9 +431,10 @@ def _nats_node_empty_restart(run: FaultRun) -> None:
 def _outage_of(run: FaultRun, name: str, stop: Callable[[Child], None], resume: Callable[[Child], None]) -> None:
     """Take one of two copies out for `during` seconds; the other must carry on meanwhile."""
     child = run.child(name)
-    before = run.stored()
+    before, sent_before = run.stored(), run.sent()
     stop(child)
     time.sleep(run.fault.during)
+    run.details["sent_while_one_was_out"] = run.sent() - sent_before
     run.details["stored_while_one_was_out"] = run.stored() - before
     if run.details["stored_while_one_was_out"] == 0:
         run.problems.append(f"nothing stored while {name} was out: the other copy did not carry on")
@@ -597,12 +598,17 @@ class FaultRun:
         self.cluster: NatsCluster | None = None
         self.nats_url = ""
         self.pipeline: Supervisor | None = None
+        self.device: SimulatedDevice | None = None
         self.prefix = f"{self.run_id}-"
 
     @staticmethod
     def names(command: str, copies: int) -> list[str]:
         """Child names: `runbridge`, then `runbridge#2`, `runbridge#3`, …"""
         return [command] + [f"{command}#{i}" for i in range(2, copies + 1)]
+
+    def sent(self) -> int:
+        """This run's messages the device has sent so far."""
+        return len(self.device.sent) if self.device is not None else 0
 
     def stored(self) -> int:
         """This run's messages stored so far."""
@@ -648,7 +654,7 @@ class FaultRun:
         self.pipeline.wait_ready(READY_TIMEOUT)
         self.log(f"{fault.name}: pipeline ready; {fault.rate:g} msg/s for {fault.seconds:g} s, logs in {self.log_dir}")
 
-        device = SimulatedDevice(self.broker.url, f"faults-device-{self.run_id}", self.logical_id)
+        device = self.device = SimulatedDevice(self.broker.url, f"faults-device-{self.run_id}", self.logical_id)
         prefix = self.prefix
         device.wait_connected(10)
         stop = threading.Event()
