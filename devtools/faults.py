@@ -340,14 +340,18 @@ def stream_state(urls: list[str], timeout: float = 1.0) -> StreamState | None:
         return None
 
 
-def consumer_redelivered(urls: list[str]) -> int:
-    """How many deliveries of the ingest consumer were redeliveries."""
+def consumer_counts(urls: list[str]) -> tuple[int, int]:
+    """The ingest consumer's (deliveries awaiting their ack, redeliveries so far). Every message
+    of the work-queue stream goes to this one consumer, so deliveries beyond the last stream
+    sequence delivered are redeliveries (`num_redelivered` counts only those not yet acknowledged)."""
 
-    async def ask() -> int:
+    async def ask() -> tuple[int, int]:
         nc = await nats.connect(urls, connect_timeout=2)
         try:
             info = await nc.jetstream().consumer_info(TELEMETRY_STREAM, INGEST_CONSUMER)
-            return int(info.num_redelivered or 0)
+            delivered = info.delivered
+            redelivered = (delivered.consumer_seq or 0) - (delivered.stream_seq or 0) if delivered else 0
+            return int(info.num_ack_pending or 0), int(redelivered)
         finally:
             await nc.close()
 
@@ -414,8 +418,8 @@ def _nats_node_empty_restart(run: FaultRun) -> None:
     index = _node_of(cluster, follower)
     cluster.kill(index)
     time.sleep(run.fault.during)
-    cluster.start(index, empty=True)
     restarted = time.monotonic()
+    cluster.start(index, empty=True)  # returns once its /healthz says it is current
     while time.monotonic() - restarted < CATCH_UP_TIMEOUT:
         now = stream_state(_live_urls(cluster))
         if now is not None and now.current.get(follower):
@@ -454,14 +458,22 @@ def _bridge_kill_one_of_two(run: FaultRun) -> None:
 
 
 def _consumer_stop_one_of_two(run: FaultRun) -> None:
-    before = consumer_redelivered([run.nats_url])
-    _outage_of(
-        run,
-        "runingest#2",
-        lambda child: os.kill(child.pid, signal.SIGSTOP),
-        lambda child: os.kill(child.pid, signal.SIGCONT),
-    )
-    run.details["redelivered"] = consumer_redelivered([run.nats_url]) - before
+    urls = nats_servers(run.nats_url)
+    child = run.child("runingest#2")
+    before = consumer_counts(urls)[1]
+    # Stopped while it holds deliveries: SIGSTOP, and if after half a second nothing awaits its
+    # ack (the other consumer acknowledges its own batches in milliseconds), SIGCONT and try
+    # again, for up to 10 s. `redelivered` then says how many JetStream gave to the other.
+    deadline = time.monotonic() + 10
+    while True:
+        os.kill(child.pid, signal.SIGSTOP)
+        time.sleep(0.5)
+        if consumer_counts(urls)[0] > 0 or time.monotonic() > deadline:
+            break
+        os.kill(child.pid, signal.SIGCONT)
+        time.sleep(0.05)
+    _outage_of(run, "runingest#2", lambda child: None, lambda child: os.kill(child.pid, signal.SIGCONT))
+    run.details["redelivered"] = consumer_counts(urls)[1] - before
 
 
 FAULTS: dict[str, Fault] = {

@@ -54,7 +54,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, ServiceUnavailableError
 
 T = TypeVar("T")
 
@@ -225,9 +225,32 @@ def now_ms() -> float:
     return time.time_ns() / 1_000_000
 
 
-async def ensure_streams(js: JetStreamContext, limits: StreamSettings | None = None) -> None:
-    """Create or update the streams and the ingest consumer (idempotent)."""
-    limits = limits or stream_settings()
+# How long start-up keeps declaring the streams while JetStream does not answer in time. In a
+# cluster the requests go to the meta leader: during an election, or under load, one times out
+# (a restarted runbridge exited on such a timeout in the `bridge-kill-one-of-two` fault).
+ENSURE_STREAMS_PATIENCE_S = 60.0
+# (Not "no responders": that is a server without JetStream, which waiting does not mend.)
+_JETSTREAM_BUSY = (nats.errors.TimeoutError, ServiceUnavailableError)
+
+
+async def ensure_streams(
+    js: JetStreamContext, limits: StreamSettings | None = None, *, patience: float = ENSURE_STREAMS_PATIENCE_S
+) -> None:
+    """Create or update the streams and the ingest consumer (idempotent), trying again for up to
+    `patience` seconds while JetStream times out or is unavailable (no leader yet)."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            await _ensure_streams(js, limits or stream_settings())
+            return
+        except _JETSTREAM_BUSY as exc:
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("declaring the streams: JetStream did not answer (%r); trying again", exc)
+            await asyncio.sleep(1.0)
+
+
+async def _ensure_streams(js: JetStreamContext, limits: StreamSettings) -> None:
     await _ensure_stream(
         js,
         StreamConfig(
