@@ -1,8 +1,10 @@
-"""The fault suite: each fault of issue 11 run on real processes and servers, then checked.
+"""The fault suite: each fault run on real processes and servers, then checked.
 
 `manage.py faults` (and `make faults`; `FAULTS=name,name` picks some) runs every fault against a
 private Mosquitto (the shipped config) and a private nats-server, with runbridge and runingest as
-children. A device (paho, QoS 1, persistent session, reconnecting) publishes at a fixed rate
+children; the cluster faults on three nats-servers as one JetStream cluster (streams R3), with
+two bridges on an MQTT shared subscription or two runingest on the one durable where they need
+them. A device (paho, QoS 1, persistent session, reconnecting) publishes at a fixed rate
 while the fault happens; afterwards the checker compares the msg_ids the broker acknowledged
 (PUBACK) with the rows in telemetry_raw: lost = acknowledged but not stored, duplicates = stored
 more than once. One JSON line per fault; `--write-docs` puts the figures into docs/validation.md.
