@@ -148,9 +148,8 @@ DATABASE_URL = env("DATABASE_URL", DEFAULT_SERVICE_URLS["DATABASE_URL"])
 REDIS_URL = env("REDIS_URL", DEFAULT_SERVICE_URLS["REDIS_URL"])
 MQTT_URL = env("MQTT_URL", DEFAULT_SERVICE_URLS["MQTT_URL"])
 # One NATS server, or a cluster's servers comma-separated (`nats://n1:4222,nats://n2:4222,...`):
-# every process connects to one of them and moves to another when it fails.
+# every process connects to one of them and moves to another when it fails (telemetry.jetstream.nats_servers).
 NATS_URL = env("NATS_URL", DEFAULT_SERVICE_URLS["NATS_URL"])
-NATS_SERVERS = env_list("NATS_URL", DEFAULT_SERVICE_URLS["NATS_URL"])
 ARGUS_PKI_DIR = Path(env("ARGUS_PKI_DIR", str(BASE_DIR / ".pki")))
 # Optional: a directory that receives a copy of the CA certificate and the CRL whenever the CRL is
 # renewed, for processes that must not see the CA key (see docker/compose.yaml).
