@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from pathlib import Path
 
 import nats
+import nats.errors
 import pytest
+from pytest_django.fixtures import SettingsWrapper
 
 from devtools.services import service_specs, start_nats_cluster
 from telemetry.jetstream import (
     DEADLETTER_STREAM,
     INGEST_CONSUMER,
     TELEMETRY_STREAM,
+    SyncPublisher,
     ensure_streams,
     nats_servers,
     stream_settings,
@@ -65,3 +69,40 @@ def test_it_declares_the_streams_with_three_replicas_on_a_three_node_cluster(tmp
         found = asyncio.run(declare(cluster.url))
     # (configured replicas, peers that hold a copy); the consumer sets none and inherits the stream's.
     assert found == {TELEMETRY_STREAM: (3, 3), DEADLETTER_STREAM: (3, 3), INGEST_CONSUMER: (0, 3)}
+
+
+def test_the_http_publisher_goes_on_when_its_node_dies(tmp_path: Path, settings: SettingsWrapper) -> None:
+    # What the web's ingest endpoint uses (telemetry.jetstream.SyncPublisher), on the cluster's
+    # NATS_URL with streams R3: the node it is connected to is SIGKILLed, and publishing goes on
+    # within seconds through another (each failed call is the endpoint's 503; the device sends again).
+    settings.ARGUS_STREAM_REPLICAS = 3
+    with start_nats_cluster(3, tmp_path) as cluster:
+        publisher = SyncPublisher(cluster.url)
+        try:
+            first = publisher.publish("telemetry.t.1", b"{}", {"Nats-Msg-Id": "one"}, timeout=10)
+            assert publisher._nc is not None and publisher._nc.connected_url is not None
+            port = publisher._nc.connected_url.port
+            victim = next(i for i, node in enumerate(cluster.nodes) if node.port == port)
+            cluster.kill(victim)
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    second = publisher.publish("telemetry.t.1", b"{}", {"Nats-Msg-Id": "two"}, timeout=3)
+                    break
+                except (nats.errors.Error, TimeoutError, OSError):
+                    assert time.monotonic() < deadline, "no publish acknowledged within 20 s of the node's death"
+            assert second > first
+            replicas = asyncio.run(_replicas(nats_servers(cluster.url)[victim - 1]))
+            assert replicas == 3
+            assert publisher._nc is not None and publisher._nc.connected_url is not None
+            assert publisher._nc.connected_url.port != port
+        finally:
+            publisher.close()
+
+
+async def _replicas(url: str) -> int:
+    nc = await nats.connect(url)
+    try:
+        return int((await nc.jetstream().stream_info(TELEMETRY_STREAM)).config.num_replicas or 0)
+    finally:
+        await nc.close()
