@@ -23,7 +23,6 @@ FLEET_TRANSPORT (mqtts; mqtt: the plain listener, no certificates).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import threading
@@ -180,16 +179,20 @@ def stored_msg_counts(base_id: int, prefix: str, schema: str = SCHEMA) -> dict[s
         return {msg_id: int(count) for msg_id, count in cursor.fetchall()}
 
 
-def stored_latencies(base_id: int, prefix: str) -> tuple[list[float], int]:
-    """Sorted stored_at - ts (ms) of the run's accepted rows, and how many rows were not accepted."""
+def stored_latencies(base_id: int, prefix: str, before: float | None = None) -> tuple[list[float], int]:
+    """Sorted stored_at - ts (ms) of the run's accepted rows (of those measured before `before`,
+    epoch seconds, if given), and how many rows were not accepted."""
     with schema_context(SCHEMA), connection.cursor() as cursor:
         cursor.execute(
             "SELECT extract(epoch FROM stored_at) * 1000 - (convert_from(payload, 'UTF8')::jsonb ->> 'ts')::float8,"
-            " status FROM telemetry_raw WHERE id > %s AND msg_id LIKE %s",
+            " status, (convert_from(payload, 'UTF8')::jsonb ->> 'ts')::float8"
+            " FROM telemetry_raw WHERE id > %s AND msg_id LIKE %s",
             [base_id, like_prefix(prefix)],
         )
         rows = cursor.fetchall()
-    return sorted(float(r[0]) for r in rows if r[1] == "accepted"), sum(1 for r in rows if r[1] != "accepted")
+    limit = before * 1000 if before is not None else float("inf")
+    accepted = sorted(float(r[0]) for r in rows if r[1] == "accepted" and r[2] < limit)
+    return accepted, sum(1 for r in rows if r[1] != "accepted")
 
 
 def failures(report: dict[str, Any]) -> list[str]:
@@ -437,6 +440,9 @@ class FleetBench(Bench):
             report["storm_reconnects"] = len(reconnects)
             report["storm_handshakes_per_s_mean"] = round(mean_rate, 1)
             report["storm_handshakes_per_s_peak"] = round(peak_rate, 1)
+            # Messages measured before the restart: the steady state's latency, without the outage's.
+            steady, _ = stored_latencies(base_id, prefix, before=storm["restart_at"])
+            report["p99_latency_ms_before_storm"] = round(percentile(steady, 0.99), 1)
         if result.failure_samples:
             report["first_connect_failures"] = result.failure_samples
         return report
@@ -462,28 +468,3 @@ def human_summary(r: dict[str, Any]) -> str:
             f"{r.get('storm_handshakes_per_s_peak')}/s peak"
         )
     return "\n".join(lines)
-
-
-def main() -> int:
-    """`python -m devtools.fleet_bench` (make fleet-bench): the summary, then one JSON line."""
-    import sys
-
-    import django
-
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "argus.settings")
-    django.setup()
-    bench = FleetBench(FleetSettings.from_env(), sys.stdout)
-    try:
-        report = bench.run()
-    finally:
-        bench.close()
-    print(human_summary(report))
-    problems = failures(report)
-    if problems:
-        print("FAILED: " + ", ".join(problems))
-    print(json.dumps(report, separators=(",", ":")))
-    return 1 if problems else 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
