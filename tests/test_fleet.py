@@ -8,6 +8,7 @@ message the broker acknowledged must be stored exactly once.
 
 from __future__ import annotations
 
+import io
 import random
 import threading
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.core.management import call_command
 from django_tenants.utils import schema_context
 
 from devtools.faults import compare
@@ -37,7 +39,7 @@ from devtools.fleet_bench import (
     stored_msg_counts,
 )
 from devtools.services import ServerHandle, free_port, start_mosquitto
-from devtools.simulator import ENDPOINT_METRICS
+from devtools.simulator import ENDPOINT_METRICS, device_ids
 from tests.conftest import TenantPersona, make_device_type, unique_id
 from tests.pipeline import Pipeline, wait_for
 
@@ -174,3 +176,40 @@ def test_a_mtls_fleet_loses_nothing_through_a_broker_restart(
             assert (outcome.lost, outcome.duplicates) == (0, 0)
         finally:
             pipeline.stop()
+
+
+@pytest.mark.integration
+def test_simulate_fleet_publishes_with_the_certificates_provision_issued(
+    live_db: None, alpha: TenantPersona, pki_dir: Path, tmp_path: Path
+) -> None:
+    prefix = unique_id("FLS")
+    with schema_context(alpha.schema):
+        device_type = make_device_type(metrics=list(ENDPOINT_METRICS))
+    source = tmp_path / "fleet.csv"
+    source.write_text(
+        "logical_identifier,device_type\n" + "".join(f"{i},{device_type.name}\n" for i in device_ids(f"{prefix}-", 3))
+    )
+    bundles = tmp_path / "bundles"
+    call_command("provision", str(source), schema=alpha.schema, issue_certificates=str(bundles), stdout=io.StringIO())
+    prepare_pki(pki_dir)
+    tls_port = free_port()
+    conf = broker_tls_config(pki_dir, tmp_path / "broker-tls", tls_port)
+    with start_mosquitto(conf_extra=conf, workdir=tmp_path / "broker") as broker:
+        out = io.StringIO()
+        call_command(
+            "simulate",
+            "--fleet",
+            "--transport=mqtts",
+            f"--mqtt-url=mqtt://127.0.0.1:{tls_port}",
+            f"--prefix={prefix}-",
+            "--count=3",
+            "--interval=0.5",
+            "--seconds=3",
+            f"--cert-dir={bundles}",
+            stdout=out,
+        )
+        assert broker.running()
+    summary = out.getvalue().splitlines()[-1]
+    fields = dict(f.split("=", 1) for f in summary.split() if "=" in f)
+    assert fields["devices"] == "3" and fields["connects"] == "3" and fields["unacknowledged"] == "0", summary
+    assert int(fields["acked"]) >= 9, summary  # 3 devices, 3 s, one message every 0.5 s each
