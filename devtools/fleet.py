@@ -242,34 +242,35 @@ class Device:
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytearray]:
         worker = self.worker
-        async with worker.connecting:
-            reader, writer = await asyncio.open_connection(
-                worker.host, worker.port, ssl=self.ssl_context(), server_hostname=worker.host if worker.tls else None
-            )
-            try:
-                writer.write(connect_packet(self.logical_id, worker.config.keepalive, clean_session=False))
-                buffer = bytearray()
-                while True:
-                    data = await reader.read(4096)
-                    if not data:
-                        raise ConnectionError("the broker closed the connection before CONNACK")
-                    buffer += data
-                    for first, body in parse_packets(buffer):
-                        if first >> 4 != 2:
-                            continue
-                        if len(body) < 2 or body[1] != 0:
-                            raise Refused(f"CONNACK return code {body[1] if len(body) > 1 else '?'}")
-                        return reader, writer, buffer
-            except BaseException:
-                writer.close()
-                raise
+        reader, writer = await asyncio.open_connection(
+            worker.host, worker.port, ssl=self.ssl_context(), server_hostname=worker.host if worker.tls else None
+        )
+        try:
+            writer.write(connect_packet(self.logical_id, worker.config.keepalive, clean_session=False))
+            buffer = bytearray()
+            while True:
+                data = await reader.read(4096)
+                if not data:
+                    raise ConnectionError("the broker closed the connection before CONNACK")
+                buffer += data
+                for first, body in parse_packets(buffer):
+                    if first >> 4 != 2:
+                        continue
+                    if len(body) < 2 or body[1] != 0:
+                        raise Refused(f"CONNACK return code {body[1] if len(body) > 1 else '?'}")
+                    return reader, writer, buffer
+        except BaseException:
+            writer.close()
+            raise
 
     async def run(self) -> None:
         worker, status = self.worker, self.worker.status
         attempt = 0
         while not (worker.stopping and not self.queue and not self.inflight) and not worker.abandoned:
             try:
-                reader, writer, buffer = await asyncio.wait_for(self._connect(), CONNECT_TIMEOUT)
+                # The timeout runs from the attempt's start, not from the wait for a turn.
+                async with worker.connecting:
+                    reader, writer, buffer = await asyncio.wait_for(self._connect(), CONNECT_TIMEOUT)
             except (OSError, ssl.SSLError, TimeoutError, ConnectionError, Refused, ValueError) as exc:
                 status.connect_failures += 1
                 worker.note_failure(f"{self.logical_id}: {type(exc).__name__}: {exc}")
