@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import ssl
 import threading
 import time
 import uuid
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 from django.conf import settings
 from django.db import connection
 from django_tenants.utils import schema_context
@@ -40,7 +43,7 @@ from django_tenants.utils import schema_context
 from assets.provisioning import devices_provision
 from devices import pki
 from devices.models import Device, DeviceCertificate
-from devices.services import certificate_crl_publish, certificate_issue
+from devices.services import certificate_crl_publish, certificate_issue, certificate_revoke
 from devtools.bench import (
     ENDPOINT_TYPE,
     SCHEMA,
@@ -57,13 +60,16 @@ from devtools.bench import (
     stop_pipeline,
 )
 from devtools.faults import compare
-from devtools.fleet import FleetConfig, FleetResult, WorkerStatus, run_fleet
-from devtools.measure import DRAIN_IDLE_SECONDS, ProcSampler, like_prefix, percentile
+from devtools.fleet import DISCONNECT, FleetConfig, FleetResult, WorkerStatus, connect_packet, publish_packet, run_fleet
+from devtools.measure import DRAIN_IDLE_SECONDS, PidSource, ProcSampler, like_prefix, percentile
 from devtools.services import free_port, tls_listener_config
 from devtools.simulator import TlsIdentity
 
 ACL = Path(__file__).resolve().parent.parent / "docker" / "mosquitto" / "acl"
 DEVICE_PREFIX = "FLEET-"
+# Not in the fleet: a valid certificate that tries another device's topic, and a revoked one.
+PROBE_DEVICE = "FLEETPROBE-ACL"
+REVOKED_DEVICE = "FLEETPROBE-REVOKED"
 CONNECT_WAIT = 600.0  # for the whole fleet to connect (10,000 TLS handshakes on 2 cores)
 CERT_DAYS = 30
 
@@ -157,6 +163,62 @@ def device_identities(ids: list[str], pki_dir: Path, log: Callable[[str], None])
     return usable
 
 
+def probe_identities(pki_dir: Path) -> dict[str, TlsIdentity]:
+    """Certificates of the two probe devices (in the current tenant): PROBE_DEVICE's valid,
+    REVOKED_DEVICE's revoked (issued and revoked once, then kept); publish the CRL after this."""
+    identities = device_identities([PROBE_DEVICE, REVOKED_DEVICE], pki_dir, lambda text: None)
+    revoked = Device.objects.get(logical_identifier=REVOKED_DEVICE)
+    certificate_revoke(device=revoked, reason="fleet bench: must be refused")
+    return identities
+
+
+def _probe_connect(port: int, identity: TlsIdentity) -> ssl.SSLSocket:
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=identity.ca)
+    context.load_cert_chain(identity.cert, identity.key)
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        sock = context.wrap_socket(raw, server_hostname="127.0.0.1")
+        sock.sendall(connect_packet(f"probe-{uuid.uuid4().hex[:6]}", 30, clean_session=True))
+        connack = sock.recv(4)
+    except BaseException:
+        raw.close()
+        raise
+    if len(connack) < 4 or connack[0] != 0x20 or connack[3] != 0:
+        sock.close()
+        raise ConnectionError(f"no CONNACK accepting the connection: {connack!r}")
+    return sock
+
+
+def run_probes(port: int, probes: dict[str, TlsIdentity], other_device: str, prefix: str) -> dict[str, Any]:
+    """The broker's CRL and ACL checks, against the running broker: the revoked certificate must
+    be refused; PROBE_DEVICE publishes to `other_device`'s topic (the ACL must drop it) and then
+    to its own (a marker that must arrive, so a probe that reached nothing cannot pass)."""
+    results: dict[str, Any] = {}
+    try:
+        _probe_connect(port, probes[REVOKED_DEVICE]).close()
+        results["crl_revoked_refused"] = False
+    except (ssl.SSLError, OSError, ConnectionError):
+        results["crl_revoked_refused"] = True
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            sock = _probe_connect(port, probes[PROBE_DEVICE])
+            break
+        except (ssl.SSLError, OSError, ConnectionError):
+            if time.monotonic() > deadline:
+                results["acl_probe_connected"] = False
+                return results
+            time.sleep(0.5)
+    with sock:
+        for packet_id, (device, kind) in enumerate(((other_device, "forged"), (PROBE_DEVICE, "marker")), 1):
+            body = orjson.dumps({"msg_id": f"{prefix}{kind}", "ts": int(time.time() * 1000), "values": {"battery": 1}})
+            sock.sendall(publish_packet(f"devices/{device}/telemetry".encode(), packet_id, body))
+            sock.recv(4)  # PUBACK (3.1.1 acknowledges a publish the ACL dropped, too)
+        sock.sendall(DISCONNECT)
+    results["acl_probe_connected"] = True
+    return results
+
+
 def broker_tls_config(pki_dir: Path, work_dir: Path, port: int) -> str:
     """The shipped mTLS listener on 127.0.0.1:port with the shipped ACL file and pki_dir's files."""
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -210,6 +272,12 @@ def failures(report: dict[str, Any]) -> list[str]:
         problems.append("not every device came back after the broker restart")
     if not report.get("drain_complete"):
         problems.append(f"drain_complete=False ({report.get('stored')} of {report.get('acked')} stored)")
+    if report.get("crl_revoked_refused") is False:
+        problems.append("the broker accepted a revoked certificate")
+    if report.get("acl_forged_stored"):
+        problems.append(f"acl_forged_stored={report['acl_forged_stored']} (a device wrote another device's topic)")
+    if "acl_probe_connected" in report and not (report["acl_probe_connected"] and report.get("acl_marker_stored")):
+        problems.append("the ACL probe's own message was not stored (the probe checked nothing)")
     problems += [f"{name} exited with {code}" for name, code in report.get("exit_codes", {}).items() if code != 0]
     return problems
 
@@ -292,13 +360,16 @@ class FleetBench(Bench):
         migrate_database(self.log)
         ensure_tenant(SCHEMA, "Benchmark", self.log)
         ids = fleet_device_ids(fleet.devices)
+        probes: dict[str, TlsIdentity] = {}
         with schema_context(SCHEMA):
             _device_type("endpoint")
-            provision_fleet(ids, ENDPOINT_TYPE, self.log)
+            provision_fleet([*ids, PROBE_DEVICE, REVOKED_DEVICE], ENDPOINT_TYPE, self.log)
             tls: dict[str, TlsIdentity] = {}
             if fleet.transport == "mqtts":
                 prepare_pki(self.pki_dir)
                 tls = device_identities(ids, self.pki_dir, self.log)
+                probes = probe_identities(self.pki_dir)
+                certificate_crl_publish(out_dir=self.pki_dir)
         log_dir = self.log_dir
         env = self.start_servers(log_dir)
         broker = self.servers[0]
@@ -316,7 +387,8 @@ class FleetBench(Bench):
             processes=fleet.processes,
             msg_id_prefix=prefix,
         )
-        sampler = ProcSampler({**pipeline_pids(self.pipeline), "mosquitto": lambda: [broker.pid]})
+        groups: dict[str, PidSource] = {**pipeline_pids(self.pipeline), "mosquitto": lambda: [broker.pid]}
+        samplers = {phase: ProcSampler(groups) for phase in ("connect", "steady", "storm")}
         stop = threading.Event()
         holder: dict[str, FleetResult] = {}
         runner = threading.Thread(
@@ -330,39 +402,55 @@ class FleetBench(Bench):
             f"one connection each, every {fleet.interval:g} s ± {fleet.jitter:.0%}, {fleet.processes} processes"
         )
         started = time.time()
+        samplers["connect"].mark_start()
         runner.start()
         connected = self._wait("connecting", lambda s: s.ever_connected >= fleet.devices, CONNECT_WAIT, runner)
         connect_seconds = time.time() - started
+        samplers["connect"].mark_end()
         self.log(f"all {fleet.devices} connected after {connect_seconds:.1f} s" if connected else "not all connected")
-        sampler.mark_start()
+        samplers["steady"].mark_start()
         phase_start = time.time()
         storm: dict[str, Any] = {}
+        self.probe_results: dict[str, Any] = {}
         if connected and fleet.storm:
             time.sleep(min(fleet.storm_after, fleet.seconds))
+            samplers["steady"].mark_end()
             self.log("restarting the broker (SIGTERM, persistence kept)")
+            samplers["storm"].mark_start()
             storm["restart_at"] = time.time()
             broker.restart(graceful=True)
             storm["up_at"] = time.time()
             self.log(f"broker back after {storm['up_at'] - storm['restart_at']:.1f} s; waiting for the fleet")
+            if probes:
+                # In the storm: the restarted broker still checks the CRL and the ACL.
+                self.probe_results = run_probes(self.tls_port, probes, ids[0], f"{self.run_id}-A")
             self._wait(
                 "reconnecting",
                 lambda s: s.connected >= fleet.devices and s.connects >= 2 * fleet.devices,
                 CONNECT_WAIT,
                 runner,
             )
+            samplers["storm"].mark_end()
         remaining = phase_start + fleet.seconds - time.time()
         if connected and remaining > 0:
             self._wait("publishing", lambda s: False, remaining, runner)
+        if not fleet.storm:
+            samplers["steady"].mark_end()
+            if probes:
+                self.probe_results = run_probes(self.tls_port, probes, ids[0], f"{self.run_id}-A")
         with self._status_lock:
             before_stop = self.status
         stop.set()
         runner.join()
-        sampler.mark_end()
         result = holder["result"]
         self.log(result.summary_line())
         stored = self.drain_fleet(base_id, prefix, len(result.acked))
+        if self.probe_results:
+            probe_rows = stored_msg_counts(base_id, f"{self.run_id}-A")
+            self.probe_results["acl_forged_stored"] = sum(v for k, v in probe_rows.items() if "forged" in k)
+            self.probe_results["acl_marker_stored"] = sum(v for k, v in probe_rows.items() if "marker" in k)
         self.exit_codes.update(stop_pipeline(self.pipeline))
-        return self.report(base_id, prefix, result, sampler, connect_seconds, storm, stored, before_stop)
+        return self.report(base_id, prefix, result, samplers, connect_seconds, storm, stored, before_stop)
 
     def drain_fleet(self, base_id: int, prefix: str, acked: int) -> int:
         stored, last_progress = -1, time.monotonic()
@@ -383,7 +471,7 @@ class FleetBench(Bench):
         base_id: int,
         prefix: str,
         result: FleetResult,
-        sampler: ProcSampler,
+        samplers: dict[str, ProcSampler],
         connect_seconds: float,
         storm: dict[str, Any],
         stored: int,
@@ -421,11 +509,15 @@ class FleetBench(Bench):
             "max_latency_ms": round(latencies[-1], 1) if latencies else 0.0,
             "connect_failures": result.connect_failures,
             "lost_connections": result.lost_connections,
-            "cpu_cores_mosquitto": round(sampler.cores("mosquitto"), 2),
-            "rss_mb_mosquitto_peak": sampler.rss_mb("mosquitto")["peak"],
-            "cpu_cores_bridge": round(sampler.cores("bridge"), 2),
-            "cpu_cores_ingest": round(sampler.cores("ingest"), 2),
-            "cpu_cores_machine": round(sampler.machine_cores(), 2),
+            # While connecting, then publishing (before the storm, if any).
+            "connect_cpu_cores_mosquitto": round(samplers["connect"].cores("mosquitto"), 2),
+            "connect_cpu_cores_machine": round(samplers["connect"].machine_cores(), 2),
+            "cpu_cores_mosquitto": round(samplers["steady"].cores("mosquitto"), 2),
+            "rss_mb_mosquitto_peak": samplers["steady"].rss_mb("mosquitto")["peak"],
+            "cpu_cores_bridge": round(samplers["steady"].cores("bridge"), 2),
+            "cpu_cores_ingest": round(samplers["steady"].cores("ingest"), 2),
+            "cpu_cores_machine": round(samplers["steady"].machine_cores(), 2),
+            **self.probe_results,
             "storm": fleet.storm,
             "exit_codes": self.exit_codes,
             "machine": machine_description(),
@@ -443,6 +535,9 @@ class FleetBench(Bench):
             # Messages measured before the restart: the steady state's latency, without the outage's.
             steady, _ = stored_latencies(base_id, prefix, before=storm["restart_at"])
             report["p99_latency_ms_before_storm"] = round(percentile(steady, 0.99), 1)
+            report["storm_cpu_cores_mosquitto"] = round(samplers["storm"].cores("mosquitto"), 2)
+            report["storm_cpu_cores_machine"] = round(samplers["storm"].machine_cores(), 2)
+            report["storm_rss_mb_mosquitto_peak"] = samplers["storm"].rss_mb("mosquitto")["peak"]
         if result.failure_samples:
             report["first_connect_failures"] = result.failure_samples
         return report

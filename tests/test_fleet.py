@@ -19,6 +19,7 @@ import pytest
 from django.core.management import call_command
 from django_tenants.utils import schema_context
 
+from devices.services import certificate_crl_publish
 from devtools.faults import compare
 from devtools.fleet import (
     FleetConfig,
@@ -30,12 +31,16 @@ from devtools.fleet import (
     run_fleet,
 )
 from devtools.fleet_bench import (
+    PROBE_DEVICE,
+    REVOKED_DEVICE,
     broker_tls_config,
     device_identities,
     failures,
     handshake_rates,
     prepare_pki,
+    probe_identities,
     provision_fleet,
+    run_probes,
     stored_msg_counts,
 )
 from devtools.services import ServerHandle, free_port, start_mosquitto
@@ -96,11 +101,15 @@ def clean_report(**overrides: Any) -> dict[str, Any]:
         ({"storm_all_back_s": None}, "not every device came back after the broker restart"),
         ({"drain_complete": False, "stored": 90}, "drain_complete=False (90 of 100 stored)"),
         ({"exit_codes": {"runbridge": 1}}, "runbridge exited with 1"),
+        ({"crl_revoked_refused": False}, "the broker accepted a revoked certificate"),
+        ({"acl_forged_stored": 1, "acl_probe_connected": True, "acl_marker_stored": 1}, "acl_forged_stored=1"),
+        ({"acl_probe_connected": True, "acl_marker_stored": 0}, "the ACL probe's own message was not stored"),
+        ({"acl_probe_connected": False}, "the ACL probe's own message was not stored"),
     ],
 )
 def test_the_verdict_fails_a_run_that_lost_or_did_not_reconnect(overrides: dict[str, Any], expected: str) -> None:
     assert failures(clean_report()) == []
-    assert expected in failures(clean_report(**overrides))
+    assert any(expected in problem for problem in failures(clean_report(**overrides)))
 
 
 def test_handshake_rates_are_mean_and_best_second() -> None:
@@ -116,9 +125,11 @@ def test_a_mtls_fleet_loses_nothing_through_a_broker_restart(
     ids = [f"{prefix}-{i:03d}" for i in range(50)]
     with schema_context(alpha.schema):
         device_type = make_device_type(metrics=list(ENDPOINT_METRICS))
-        provision_fleet(ids, device_type.name, print)
+        provision_fleet([*ids, PROBE_DEVICE, REVOKED_DEVICE], device_type.name, print)
         prepare_pki(pki_dir)
         tls = device_identities(ids, pki_dir, print)
+        probes = probe_identities(pki_dir)
+        certificate_crl_publish(out_dir=pki_dir)
     tls_port = free_port()
     conf = broker_tls_config(pki_dir, tmp_path / "broker-tls", tls_port)
     assert "crlfile" in conf and "acl_file" in conf and "require_certificate true" in conf
@@ -150,6 +161,9 @@ def test_a_mtls_fleet_loses_nothing_through_a_broker_restart(
                 time.sleep(3)
                 restarted = time.time()
                 broker.restart(graceful=True)
+                # The restarted broker still refuses the revoked certificate and applies the ACL.
+                probed = run_probes(tls_port, probes, ids[0], f"{prefix}-m-probe-")
+                assert probed == {"crl_revoked_refused": True, "acl_probe_connected": True}
                 wait_for(
                     lambda: statuses[-1].connected == len(ids) and statuses[-1].connects >= 2 * len(ids),
                     timeout=30,
@@ -168,12 +182,16 @@ def test_a_mtls_fleet_loses_nothing_through_a_broker_restart(
             assert len(acked) >= len(ids) * 4, result.summary_line()
             assert result.lost_connections >= len(ids)
             wait_for(
-                lambda: len(stored_msg_counts(0, f"{prefix}-m", alpha.schema)) >= len(acked),
+                lambda: len(stored_msg_counts(0, f"{prefix}-m", alpha.schema)) >= len(acked) + 1,
                 timeout=30,
                 what="every acknowledged message to be stored",
             )
-            outcome = compare("fleet", acked, stored_msg_counts(0, f"{prefix}-m", alpha.schema))
-            assert (outcome.lost, outcome.duplicates) == (0, 0)
+            stored = stored_msg_counts(0, f"{prefix}-m", alpha.schema)
+            # The probe's message to its own topic arrived; the one to another device's did not.
+            assert {k for k in stored if "-probe-" in k} == {f"{prefix}-m-probe-marker"}
+            fleet_rows = {k: v for k, v in stored.items() if "-probe-" not in k}
+            outcome = compare("fleet", acked, fleet_rows)
+            assert (outcome.lost, outcome.duplicates, outcome.stored) == (0, 0, len(acked))
         finally:
             pipeline.stop()
 
