@@ -436,6 +436,10 @@ class FleetWorker:
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signal.SIGTERM, self.stop)
+        # Each device's TLS context (its certificate and key loaded) before the first connects, as a
+        # real device has it ready: the time to connect the fleet is then the broker's, not this.
+        for device in self.devices:
+            device.ssl_context()
         reporter = asyncio.ensure_future(self._report())
         scheduler = asyncio.ensure_future(self._schedule())
         tasks = [asyncio.ensure_future(d.run()) for d in self.devices]
