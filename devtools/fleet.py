@@ -4,8 +4,8 @@
 Every device has its own connection (plain MQTT, or mutual TLS with the device's own certificate),
 a persistent session (clean session off), publishes one endpoint message at QoS 1 every
 `interval` seconds with `jitter` (each gap drawn from interval * [1 - jitter, 1 + jitter], the
-first at a random phase so the fleet does not publish in lockstep), and when the connection goes
-it reconnects with jittered exponential backoff ("full jitter": a delay drawn from
+first at a random phase after its first connection, so the fleet does not publish in lockstep),
+and when the connection goes it reconnects with jittered exponential backoff ("full jitter": a delay drawn from
 [0, min(cap, base * 2^attempt)]). Messages it has no PUBACK for are sent again, with their packet
 id and the DUP flag, on the next connection; what it measures while disconnected waits in its
 queue. Every msg_id the broker acknowledged is recorded for the loss checker.
@@ -283,6 +283,7 @@ class Device:
             self.connected_at.append(time.time())
             if len(self.connected_at) == 1:
                 status.ever_connected += 1
+                worker.start_measuring(self.index)
             status.connects += 1
             status.connected += 1
             self.connected = True
@@ -379,6 +380,8 @@ class FleetWorker:
         self.abandoned = False
         self.failure_samples: list[str] = []
         self._stop_event: asyncio.Event | None = None
+        self._heap: list[tuple[float, int]] = []
+        self._scheduled = asyncio.Event()
 
     def note_failure(self, text: str) -> None:
         if len(self.failure_samples) < MAX_FAILURE_SAMPLES:
@@ -393,22 +396,24 @@ class FleetWorker:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop_event.wait(), seconds)
 
+    def start_measuring(self, index: int) -> None:
+        """The device is on (its first connection is up): its first message comes at a random phase
+        of its interval, so the fleet does not publish in lockstep."""
+        heapq.heappush(self._heap, (time.monotonic() + self.rng.uniform(0, self.config.interval), index))
+        self._scheduled.set()
+
     async def _schedule(self) -> None:
-        """Every device's next message from one heap."""
-        now = time.monotonic()
-        interval, jitter = self.config.interval, self.config.jitter
-        heap = [(now + self.rng.uniform(0, interval), i) for i in range(len(self.devices))]
-        heapq.heapify(heap)
-        assert self._stop_event is not None
+        """Every measuring device's next message, from one heap."""
+        interval, jitter, heap = self.config.interval, self.config.jitter, self._heap
         while not self.stopping:
-            due, index = heap[0]
-            delay = due - time.monotonic()
-            if delay > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop_event.wait(), delay)
+            if heap and heap[0][0] <= time.monotonic():
+                due, index = heap[0]
+                self.devices[index].measure()
+                heapq.heapreplace(heap, (due + next_gap(interval, jitter, self.rng), index))
                 continue
-            self.devices[index].measure()
-            heapq.heapreplace(heap, (due + next_gap(interval, jitter, self.rng), index))
+            self._scheduled.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._scheduled.wait(), heap[0][0] - time.monotonic() if heap else 1.0)
 
     async def _report(self) -> None:
         while True:
@@ -425,6 +430,7 @@ class FleetWorker:
 
     def stop(self) -> None:
         self.stopping = True
+        self._scheduled.set()
         if self._stop_event is not None:
             self._stop_event.set()
         for device in self.devices:
@@ -574,9 +580,11 @@ def run_fleet(
     *,
     stop: threading.Event | None = None,
     on_status: Callable[[WorkerStatus], None] | None = None,
+    pids: list[int] | None = None,
 ) -> FleetResult:
     """Run the fleet in `config.processes` worker processes until `config.seconds` or `stop`;
-    `on_status(total)` gets the summed status of all workers about once a second."""
+    `on_status(total)` gets the summed status of all workers about once a second; `pids`, if
+    given, gets the worker processes' ids (for CPU sampling)."""
     config.validate()
     work_dir.mkdir(parents=True, exist_ok=True)
     processes = min(config.processes, len(config.devices))
@@ -606,6 +614,8 @@ def run_fleet(
         )
         process.stdin.close()
         workers.append(process)
+        if pids is not None:
+            pids.append(process.pid)
 
     def follow(index: int, process: subprocess.Popen[bytes]) -> None:
         assert process.stdout is not None

@@ -241,9 +241,11 @@ def stored_msg_counts(base_id: int, prefix: str, schema: str = SCHEMA) -> dict[s
         return {msg_id: int(count) for msg_id, count in cursor.fetchall()}
 
 
-def stored_latencies(base_id: int, prefix: str, before: float | None = None) -> tuple[list[float], int]:
-    """Sorted stored_at - ts (ms) of the run's accepted rows (of those measured before `before`,
-    epoch seconds, if given), and how many rows were not accepted."""
+def stored_latencies(
+    base_id: int, prefix: str, before: float | None = None, after: float | None = None
+) -> tuple[list[float], int]:
+    """Sorted stored_at - ts (ms) of the run's accepted rows (of those measured between `after`
+    and `before`, epoch seconds, if given), and how many rows were not accepted."""
     with schema_context(SCHEMA), connection.cursor() as cursor:
         cursor.execute(
             "SELECT extract(epoch FROM stored_at) * 1000 - (convert_from(payload, 'UTF8')::jsonb ->> 'ts')::float8,"
@@ -252,8 +254,9 @@ def stored_latencies(base_id: int, prefix: str, before: float | None = None) -> 
             [base_id, like_prefix(prefix)],
         )
         rows = cursor.fetchall()
-    limit = before * 1000 if before is not None else float("inf")
-    accepted = sorted(float(r[0]) for r in rows if r[1] == "accepted" and r[2] < limit)
+    upper = before * 1000 if before is not None else float("inf")
+    lower = after * 1000 if after is not None else float("-inf")
+    accepted = sorted(float(r[0]) for r in rows if r[1] == "accepted" and lower <= r[2] < upper)
     return accepted, sum(1 for r in rows if r[1] != "accepted")
 
 
@@ -387,13 +390,18 @@ class FleetBench(Bench):
             processes=fleet.processes,
             msg_id_prefix=prefix,
         )
-        groups: dict[str, PidSource] = {**pipeline_pids(self.pipeline), "mosquitto": lambda: [broker.pid]}
+        sim_pids: list[int] = []
+        groups: dict[str, PidSource] = {
+            **pipeline_pids(self.pipeline),
+            "mosquitto": lambda: [broker.pid],
+            "simulator": lambda: list(sim_pids),
+        }
         samplers = {phase: ProcSampler(groups) for phase in ("connect", "steady", "storm")}
         stop = threading.Event()
         holder: dict[str, FleetResult] = {}
         runner = threading.Thread(
             target=lambda: holder.update(
-                result=run_fleet(config, log_dir / "fleet", stop=stop, on_status=self._on_status)
+                result=run_fleet(config, log_dir / "fleet", stop=stop, on_status=self._on_status, pids=sim_pids)
             ),
             daemon=True,
         )
@@ -450,7 +458,7 @@ class FleetBench(Bench):
             self.probe_results["acl_forged_stored"] = sum(v for k, v in probe_rows.items() if "forged" in k)
             self.probe_results["acl_marker_stored"] = sum(v for k, v in probe_rows.items() if "marker" in k)
         self.exit_codes.update(stop_pipeline(self.pipeline))
-        return self.report(base_id, prefix, result, samplers, connect_seconds, storm, stored, before_stop)
+        return self.report(base_id, prefix, result, samplers, connect_seconds, phase_start, storm, stored, before_stop)
 
     def drain_fleet(self, base_id: int, prefix: str, acked: int) -> int:
         stored, last_progress = -1, time.monotonic()
@@ -473,6 +481,7 @@ class FleetBench(Bench):
         result: FleetResult,
         samplers: dict[str, ProcSampler],
         connect_seconds: float,
+        phase_start: float,
         storm: dict[str, Any],
         stored: int,
         before_stop: WorkerStatus,
@@ -481,6 +490,11 @@ class FleetBench(Bench):
         acked = result.acked
         outcome = compare("fleet", acked, stored_msg_counts(base_id, prefix))
         latencies, rejected = stored_latencies(base_id, prefix)
+        # Messages measured once the whole fleet was up and before the storm (if any): the steady
+        # state, without the connect phase's or the outage's backlog.
+        steady_latencies, _ = stored_latencies(
+            base_id, prefix, after=phase_start, before=storm.get("restart_at", time.time())
+        )
         connected_at = result.connected_at
         first_connects = sorted(times[0] for times in connected_at.values() if times)
         mean_rate, peak_rate = handshake_rates(first_connects, first_connects[0] if first_connects else 0.0)
@@ -510,15 +524,20 @@ class FleetBench(Bench):
             "p50_latency_ms": round(percentile(latencies, 0.50), 1),
             "p99_latency_ms": round(percentile(latencies, 0.99), 1),
             "max_latency_ms": round(latencies[-1], 1) if latencies else 0.0,
+            "steady_messages": len(steady_latencies),
+            "steady_p50_latency_ms": round(percentile(steady_latencies, 0.50), 1),
+            "steady_p99_latency_ms": round(percentile(steady_latencies, 0.99), 1),
             "connect_failures": result.connect_failures,
             "lost_connections": result.lost_connections,
             # While connecting, then publishing (before the storm, if any).
             "connect_cpu_cores_mosquitto": round(samplers["connect"].cores("mosquitto"), 2),
+            "connect_cpu_cores_simulator": round(samplers["connect"].cores("simulator"), 2),
             "connect_cpu_cores_machine": round(samplers["connect"].machine_cores(), 2),
             "cpu_cores_mosquitto": round(samplers["steady"].cores("mosquitto"), 2),
             "rss_mb_mosquitto_peak": samplers["steady"].rss_mb("mosquitto")["peak"],
             "cpu_cores_bridge": round(samplers["steady"].cores("bridge"), 2),
             "cpu_cores_ingest": round(samplers["steady"].cores("ingest"), 2),
+            "cpu_cores_simulator": round(samplers["steady"].cores("simulator"), 2),
             "cpu_cores_machine": round(samplers["steady"].machine_cores(), 2),
             **self.probe_results,
             "storm": fleet.storm,
@@ -539,6 +558,7 @@ class FleetBench(Bench):
             steady, _ = stored_latencies(base_id, prefix, before=storm["restart_at"])
             report["p99_latency_ms_before_storm"] = round(percentile(steady, 0.99), 1)
             report["storm_cpu_cores_mosquitto"] = round(samplers["storm"].cores("mosquitto"), 2)
+            report["storm_cpu_cores_simulator"] = round(samplers["storm"].cores("simulator"), 2)
             report["storm_cpu_cores_machine"] = round(samplers["storm"].machine_cores(), 2)
             report["storm_rss_mb_mosquitto_peak"] = samplers["storm"].rss_mb("mosquitto")["peak"]
         if result.failure_samples:
@@ -555,9 +575,11 @@ def human_summary(r: dict[str, Any]) -> str:
         f"  messages   {r['acked']} acknowledged ({r['acked_msgs_per_s']}/s), {r['stored']} stored, "
         f"lost {r['lost']}, duplicates {r['duplicates']}, rejected {r['rejected']}, "
         f"unacknowledged {r['unacknowledged']}",
-        f"  latency    p50 {r['p50_latency_ms']} ms  p99 {r['p99_latency_ms']} ms  max {r['max_latency_ms']} ms",
+        f"  latency    steady p50 {r['steady_p50_latency_ms']} ms  p99 {r['steady_p99_latency_ms']} ms "
+        f"({r['steady_messages']} messages); all p99 {r['p99_latency_ms']} ms  max {r['max_latency_ms']} ms",
         f"  broker     {r['cpu_cores_mosquitto']} cores, RSS peak {r['rss_mb_mosquitto_peak']} MB; "
-        f"bridge {r['cpu_cores_bridge']} cores, ingest {r['cpu_cores_ingest']}, machine {r['cpu_cores_machine']}",
+        f"bridge {r['cpu_cores_bridge']} cores, ingest {r['cpu_cores_ingest']}, simulator {r['cpu_cores_simulator']}, "
+        f"machine {r['cpu_cores_machine']}",
     ]
     if r.get("storm"):
         lines.append(
