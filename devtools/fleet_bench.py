@@ -62,7 +62,8 @@ from devtools.bench import (
 from devtools.faults import compare
 from devtools.fleet import DISCONNECT, FleetConfig, FleetResult, WorkerStatus, connect_packet, publish_packet, run_fleet
 from devtools.measure import DRAIN_IDLE_SECONDS, PidSource, ProcSampler, like_prefix, percentile
-from devtools.services import free_port, tls_listener_config
+from devtools.services import free_port
+from devtools.services.mosquitto import tls_listener_config
 from devtools.simulator import TlsIdentity
 
 ACL = Path(__file__).resolve().parent.parent / "docker" / "mosquitto" / "acl"

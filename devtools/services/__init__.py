@@ -16,7 +16,7 @@ from devtools.services.base import (
     run_dir,
 )
 from devtools.services.helper import SERVICES, ServiceSpec, down, load_dotenv, main, run, service_specs, status, up
-from devtools.services.mosquitto import mosquitto_config, start_mosquitto, tls_listener_config
+from devtools.services.mosquitto import mosquitto_config, start_mosquitto
 from devtools.services.nats import start_nats
 from devtools.services.postgres import ensure_database, postgres_settings, start_postgres
 from devtools.services.redis import start_redis
@@ -43,6 +43,5 @@ __all__ = [
     "start_postgres",
     "start_redis",
     "status",
-    "tls_listener_config",
     "up",
 ]
