@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -22,8 +22,8 @@ import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from django.conf import settings
+from django.db.models import OuterRef, Subquery
 from django.utils import timezone
-from django_tenants.utils import schema_context
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import exceptions
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
@@ -31,8 +31,9 @@ from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
 
 from argus.models import DeviceAPIKey, DeviceRegistration
+from argus.registry import in_schema
 from devices import pki
-from devices.models import Device, DeviceCertificate, DeviceStatus
+from devices.models import Device, DeviceCertificate, DeviceStatus, DeviceType
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,9 @@ class DeviceIdentity:
     schema: str
     device_id: int
     device_type_id: int
+    # The device's type, read with the device row while authenticating (one query for both, the
+    # type as fresh as the device): the ingest view needs it next.
+    device_type: DeviceType | None = field(default=None, compare=False, repr=False)
 
     @property
     def is_authenticated(self) -> bool:
@@ -75,7 +79,7 @@ def _credential(request: Request, keyword: str) -> str | None:
 
 def _active_device(logical_id: str, schema: str, device_id: int) -> Device:
     """The device row in its tenant (call inside that tenant's schema); 403 unless it is active."""
-    device = Device.objects.filter(pk=device_id, logical_identifier=logical_id).only("status", "device_type_id").first()
+    device = Device.objects.filter(pk=device_id, logical_identifier=logical_id).select_related("device_type").first()
     if device is None:
         # The registry says it exists, the tenant does not: it was just deleted or renamed.
         raise exceptions.PermissionDenied(f"Device {logical_id!r} no longer exists.")
@@ -95,7 +99,18 @@ class DeviceAPIKeyAuthentication(BaseAuthentication):
         if key is None:
             return None
         prefix, dot, _ = key.partition(".")
-        api_key = DeviceAPIKey.objects.select_related("tenant").filter(prefix=prefix).first() if dot else None
+        # The key, its tenant and the device's registration in one query.
+        registration = DeviceRegistration.objects.filter(
+            logical_identifier=OuterRef("logical_identifier"), tenant=OuterRef("tenant_id")
+        ).values("device_id")[:1]
+        api_key = (
+            DeviceAPIKey.objects.select_related("tenant")
+            .annotate(registered_device_id=Subquery(registration))
+            .filter(prefix=prefix)
+            .first()
+            if dot
+            else None
+        )
         if api_key is None or not api_key.is_valid(key):
             raise exceptions.AuthenticationFailed("Invalid API key.")
         if api_key.revoked:
@@ -103,16 +118,14 @@ class DeviceAPIKeyAuthentication(BaseAuthentication):
         if api_key.has_expired:
             raise exceptions.PermissionDenied("This API key has expired.")
         schema = api_key.tenant.schema_name
-        registration = (
-            DeviceRegistration.objects.filter(logical_identifier=api_key.logical_identifier, tenant=api_key.tenant_id)
-            .values_list("device_id", flat=True)
-            .first()
-        )
+        registration = api_key.registered_device_id
         if registration is None:
             raise exceptions.PermissionDenied(f"Device {api_key.logical_identifier!r} no longer exists.")
-        with schema_context(schema):
+        with in_schema(schema):
             device = _active_device(api_key.logical_identifier, schema, registration)
-        identity = DeviceIdentity(api_key.logical_identifier, schema, device.pk, device.device_type_id)
+        identity = DeviceIdentity(
+            api_key.logical_identifier, schema, device.pk, device.device_type_id, device_type=device.device_type
+        )
         return identity, api_key
 
     def authenticate_header(self, request: Request) -> str:
@@ -189,10 +202,12 @@ class DeviceJWTAuthentication(BaseAuthentication):
         if ca is None:
             log.error("JWT authentication needs the CA certificate in %s", settings.ARGUS_PKI_DIR)
             raise exceptions.AuthenticationFailed("Token authentication is not available.")
-        with schema_context(schema):
+        with in_schema(schema):
             verified = self._verify(token, alg, header.get("kid"), logical_id, device_id, ca)
             device = _active_device(logical_id, schema, device_id)
-        return DeviceIdentity(logical_id, schema, device.pk, device.device_type_id), verified
+        return DeviceIdentity(
+            logical_id, schema, device.pk, device.device_type_id, device_type=device.device_type
+        ), verified
 
     def _verify(
         self, token: str, alg: str, kid: Any, logical_id: str, device_id: int, ca: x509.Certificate
