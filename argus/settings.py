@@ -221,6 +221,10 @@ INSTALLED_APPS = SHARED_APPS + [app for app in TENANT_APPS if app not in SHARED_
 
 TENANT_MODEL = "argus.Organization"
 TENANT_DOMAIN_MODEL = "argus.Domain"
+# `SET search_path` only when the schema changed (set_tenant, a new connection, a rollback), not
+# before every statement: django-tenants' default doubled the round trips of every query, and
+# was the largest cost of an HTTP ingest request (make http-bench profile, BENCHMARKS.md).
+TENANT_LIMIT_SET_CALLS = True
 PUBLIC_SCHEMA_NAME = "public"
 # The public site (platform admin, and the API, which routes by credential) has the same URLs as a
 # tenant's site; what differs is what the admin shows (see argus/admin.py) and who may reach it
