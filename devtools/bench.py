@@ -64,6 +64,7 @@ from devtools.measure import (
     postgres_pids,
     sustained_rate,
 )
+from devtools.profile import Profiles
 from devtools.services import ServerHandle, postgres_settings, start_mosquitto, start_nats, start_redis
 from devtools.simulator import CHILD_METRICS, ENDPOINT_METRICS, SimulatorConfig, SimulatorResult, run_simulation
 from devtools.supervisor import ChildError, Supervisor, manage
@@ -371,6 +372,18 @@ def postgres_activity() -> PostgresActivity:
     return PostgresActivity(int(wal_bytes), int(wal_fpi), int(timed), int(requested))
 
 
+def wal_report(start: PostgresActivity, end: PostgresActivity, stored: int) -> dict[str, Any]:
+    """The server's WAL over the measured window per 1,000 stored messages (server-wide: other
+    databases' writes on the same server count too)."""
+    per_1k = 1000 / stored if stored else 0.0
+    return {
+        "pg_wal_kb_per_1k_msgs": round((end.wal_bytes - start.wal_bytes) / 1024 * per_1k, 1),
+        "pg_wal_full_page_images_per_1k_msgs": round((end.wal_fpi - start.wal_fpi) * per_1k, 1),
+        "pg_checkpoints": (end.checkpoints_timed - start.checkpoints_timed)
+        + (end.checkpoints_requested - start.checkpoints_requested),
+    }
+
+
 def postgres_server_settings() -> dict[str, str]:
     """The server's values of the settings we ship (docker/postgres/argus.conf), as `pg_<name>`:
     they decide how often checkpoints come and whether the hot index pages stay in its buffers."""
@@ -528,15 +541,22 @@ class Bench:
             f"offering {rate} for {self.bench.seconds:g} s from {len(devices)} {self.bench.mode} devices "
             f"({self.bench.sim_processes} simulator process(es), QoS 1)"
         )
+        profiles = self.profiles()
+        activity_start = postgres_activity()
         sampler.mark_start()
+        if profiles is not None:
+            profiles.start()
         if self.live is not None:
             self.live.mark()
         result = run_simulation(self.load_config(devices, prefix))
         self.log(result.summary_line())
+        if profiles is not None:
+            self.log_profiles(profiles)
         if self.live is not None:
             self.live.stop_probe()
         stored = self.drain(base_id, prefix, result.sent)
         sampler.mark_end()
+        activity = postgres_activity()
         live_report: dict[str, Any] = {}
         if self.live is not None:
             live_report = self.live.report()
@@ -547,9 +567,24 @@ class Bench:
         self.exit_codes.update(stop_pipeline(self.pipeline))
         report = self.analyse(base_id, prefix, result, sampler)
         report.update(cost_report(sampler, report["stored"], "", "pipeline_core_ms_per_1k_msgs"))
+        report.update(wal_report(activity_start, activity, report["stored"]))
         if live_report:
             report.update(live_report, cpu_cores_live=round(sampler.cores("live"), 2))
         return report
+
+    def profiles(self) -> Profiles | None:
+        """With BENCH_PROFILE=1: py-spy on runbridge and each runingest for the load's duration."""
+        if os.environ.get("BENCH_PROFILE", "") not in ("1", "true", "yes", "on"):
+            return None
+        assert self.pipeline is not None
+        pids = {c.name.replace("#", ""): c.pid for c in self.pipeline.children}
+        return Profiles(self.log_dir, pids, self.bench.seconds or 30)
+
+    def log_profiles(self, profiles: Profiles) -> None:
+        for name, summary in profiles.finish().items():
+            text = summary.text(f"profile of {name} during the load ({profiles.path(name)})")
+            (self.log_dir / f"profile-{name}.md").write_text(text + "\n")
+            self.log(text)
 
     def load_config(self, devices: list[str], prefix: str) -> SimulatorConfig:
         """The measured load: BENCH_RATE for BENCH_SECONDS from these devices."""
