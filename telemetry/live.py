@@ -9,4 +9,7 @@ from telemetry.messages import LatestValues
 def live_stored(schema: str, *, messages: int, readings: int, latest: LatestValues) -> None:
     """Counts and the newest values per device of what a batch or a reassembly stored."""
     live.note_counts(schema, messages=messages, readings=readings)
-    live.note(schema, "devices", {str(d): {"time": t.isoformat(), "values": v} for d, (t, v) in latest.items()})
+    # The time as a datetime: orjson writes it (as isoformat would) when the coalesced event goes
+    # out, once per interval, instead of every batch formatting every device's time (4 % of
+    # runingest's profile at 5,000 msgs/s from 1,000 devices).
+    live.note(schema, "devices", {str(d): {"time": t, "values": v} for d, (t, v) in latest.items()})

@@ -790,6 +790,34 @@ def test_it_stores_ten_or_a_hundred_messages_with_the_same_statements(
     assert len(statements[10]) == len(statements[100]), statements
 
 
+def test_it_looks_up_a_batchs_device_profiles_in_one_round_trip_each(db: None, alpha: TenantPersona) -> None:
+    with schema_context(alpha.schema):
+        devices = [make_device(endpoint_type()) for _ in range(5)]
+        ids = [d.logical_identifier for d in devices] + [unique_id("nobody")]
+        cold = ProfileCache()
+        with CaptureQueriesContext(connection) as captured:
+            cold.prefetch_devices(alpha.schema, ids * 3)  # a batch names each device many times
+            found = {i: cold.device(alpha.schema, i) for i in ids}
+        # One query for all of them, none per lookup (besides the schema and the cache's key prefix).
+        device_queries = [q["sql"] for q in captured.captured_queries if 'FROM "devices"' in q["sql"]]
+        assert len(device_queries) == 1, captured.captured_queries
+        assert {i: p.id if p else None for i, p in found.items()} == {
+            **{d.logical_identifier: d.pk for d in devices},
+            ids[-1]: None,
+        }
+        # Another process (nothing local): the known ones come from Redis, in one MGET.
+        warm = ProfileCache()
+        warm.prefetch_devices(alpha.schema, ids[:-1])
+        with CaptureQueriesContext(connection) as captured:
+            assert [warm.device(alpha.schema, i) for i in ids[:-1]] == [found[i] for i in ids[:-1]]
+            # Expired locally: fetched again before the batch, not one by one during it.
+            for key, (_, value) in list(warm._local.items()):
+                warm._local[key] = (0.0, value)
+            warm.prefetch_devices(alpha.schema, ids[:-1])
+            assert all(entry[0] > time.monotonic() for entry in warm._local.values())
+        assert not [q for q in captured.captured_queries if 'FROM "devices"' in q["sql"]]
+
+
 # --------------------------------------------------------------------------- outages (argus/outage.py)
 
 
