@@ -25,7 +25,9 @@ costs about 75 us of CPU per message on this machine kind), BENCH_LIVE_PAGES (0;
 server and N open dashboard pages of the tenant during the load, with a probe device timed from
 its MQTT publish to every page: devtools/live_pages.py), BENCH_BASELINE (empty: both chains;
 1: only the bare chain; 0: only the pipeline), BENCH_CELERY_BROKER_URL (default: a private
-redis-server for the tasks runingest queues).
+redis-server for the tasks runingest queues), BENCH_SIM_NICE (how much the simulator worker
+processes lower their CPU priority; 10 flat out, else 0), BENCH_PROFILE (1: py-spy samples
+runbridge and each runingest during the load; devtools/profile.py).
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ READY_TIMEOUT = 90.0  # Django start-up of two processes on a busy 2-core machin
 # Mosquitto republishes its $SYS counters every sys_interval (10 s by default).
 BROKER_STAT_WAIT = 12.0
 STOP_TIMEOUT = 60.0
+SIM_NICE_FLAT_OUT = 10
 
 
 class Writer(Protocol):
@@ -105,6 +108,8 @@ class BenchSettings:
     live_pages: int = 0
     # BENCH_BASELINE: "" (both chains, back to back), "1" (only the bare chain), "0" (only the pipeline).
     baseline: str = ""
+    # BENCH_SIM_NICE: how much the simulator worker processes lower their CPU priority.
+    sim_nice: int = 0
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> BenchSettings:
@@ -125,6 +130,9 @@ class BenchSettings:
             private_nats=env.get("BENCH_PRIVATE_NATS", "1").lower() in ("1", "true", "yes", "on"),
             live_pages=int(env.get("BENCH_LIVE_PAGES", "0") or 0),
             baseline=_baseline_choice(env.get("BENCH_BASELINE", "")),
+            # Flat out, two simulator processes would take as much CPU as they can get, and the
+            # pipeline measured less than it does alone (BENCHMARKS.md, "Overload").
+            sim_nice=int(env.get("BENCH_SIM_NICE", "") or (SIM_NICE_FLAT_OUT if rate == 0 else 0)),
         )
 
     @property
@@ -494,6 +502,7 @@ class Bench:
             client_id_prefix=f"argus-bench-sim-{self.run_id}",
             # The load generator should not be what limits the benchmark: see LeanMqttPublisher.
             lean=os.environ.get("BENCH_LEAN_PUBLISHER", "1") == "1",
+            nice=self.bench.sim_nice,
         )
         for key, value in overrides.items():
             setattr(config, key, value)

@@ -21,6 +21,19 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+# Frames every sample passes through (thread start, the event loop, the management command):
+# left out of the "total" table, which is about where the work is.
+PLUMBING_FILES = (
+    "threading.py",
+    "concurrent/futures/",
+    "asyncio/base_events.py",
+    "asyncio/events.py",
+    "asyncio/runners.py",
+    "manage.py",
+    "django/core/management/",
+    "argus/runner.py",
+)
+
 # py-spy's raw frames: "function (path/to/file.py:line)" or, with --nolineno, "function (path/to/file.py)".
 _FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^()]*?)(?::\d+)?\)$")
 
@@ -56,6 +69,11 @@ def _name(frame: str) -> str:
     return f"{match['function']} ({match['file']})"
 
 
+def _plumbing(name: str) -> bool:
+    file = name.rpartition(" (")[2].rstrip(")")
+    return file.startswith(PLUMBING_FILES)
+
+
 def summarise(collapsed: str) -> Summary:
     """Self and total shares per function from py-spy's raw output."""
     own: Counter[str] = Counter()
@@ -82,7 +100,7 @@ def summarise(collapsed: str) -> Summary:
         return Row(name, 100.0 * own[name] / samples, 100.0 * anywhere[name] / samples)
 
     by_self = [row(name) for name, _ in own.most_common()]
-    by_total = [row(name) for name, _ in anywhere.most_common()]
+    by_total = [row(name) for name, _ in anywhere.most_common() if not _plumbing(name)]
     return Summary(samples, by_self, by_total)
 
 
