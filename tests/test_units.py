@@ -314,6 +314,43 @@ def test_it_stops_reading_the_broker_while_it_holds_its_window_of_unacknowledged
     asyncio.run(scenario())
 
 
+def test_it_parses_a_received_publish_as_paho_would() -> None:
+    received: list[mqtt.MQTTMessage] = []
+    client = BufferedClient(mqtt.CallbackAPIVersion.VERSION2, client_id=unique_id("parse"), manual_ack=True)
+    client.on_message = lambda c, userdata, message: received.append(message)
+    topic = "devices/dev-ü/telemetry".encode()
+    packets = [
+        (0x32, len(topic).to_bytes(2, "big") + topic + (513).to_bytes(2, "big") + b'{"v":1}'),  # QoS 1
+        (0x39, len(topic).to_bytes(2, "big") + topic + b"\x00\x07"),  # QoS 0, dup and retain set
+    ]
+    for command, packet in packets:
+        client._in_packet = {"command": command, "packet": packet}
+        assert client._handle_publish() == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+    first, second = received
+    assert (first.topic, first.payload, first.qos, first.mid, first.dup, first.retain) == (
+        "devices/dev-ü/telemetry",
+        b'{"v":1}',
+        1,
+        513,
+        False,
+        False,
+    )
+    assert (second.topic, second.payload, second.qos, second.mid, second.dup, second.retain) == (
+        "devices/dev-ü/telemetry",
+        b"\x00\x07",
+        0,
+        0,
+        True,
+        True,
+    )
+    assert not client._out_packet  # manual acknowledgement: nothing sent for either
+    # A topic that is not UTF-8 takes paho's own path (its message raises when the topic is read).
+    client._in_packet = {"command": 0x30, "packet": b"\x00\x02\xff\xfeX"}
+    client._handle_publish()
+    with pytest.raises(UnicodeDecodeError):
+        _ = received[-1].topic
+
+
 def test_it_keeps_the_broker_connection_while_reading_is_paused(broker: ServerHandle) -> None:
     async def scenario() -> None:
         client = BufferedClient(mqtt.CallbackAPIVersion.VERSION2, client_id=unique_id("paused"))
