@@ -314,6 +314,20 @@ def test_it_stops_reading_the_broker_while_it_holds_its_window_of_unacknowledged
     asyncio.run(scenario())
 
 
+def _in_packet(command: int, packet: bytes) -> Any:
+    """paho's state of a packet it has read whole."""
+    return {
+        "command": command,
+        "have_remaining": 1,
+        "remaining_count": [],
+        "remaining_mult": 1,
+        "remaining_length": len(packet),
+        "packet": packet,
+        "to_process": 0,
+        "pos": 0,
+    }
+
+
 def test_it_parses_a_received_publish_as_paho_would() -> None:
     received: list[mqtt.MQTTMessage] = []
     client = BufferedClient(mqtt.CallbackAPIVersion.VERSION2, client_id=unique_id("parse"), manual_ack=True)
@@ -324,7 +338,7 @@ def test_it_parses_a_received_publish_as_paho_would() -> None:
         (0x39, len(topic).to_bytes(2, "big") + topic + b"\x00\x07"),  # QoS 0, dup and retain set
     ]
     for command, packet in packets:
-        client._in_packet = {"command": command, "packet": packet}
+        client._in_packet = _in_packet(command, packet)
         assert client._handle_publish() == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
     first, second = received
     assert (first.topic, first.payload, first.qos, first.mid, first.dup, first.retain) == (
@@ -345,7 +359,7 @@ def test_it_parses_a_received_publish_as_paho_would() -> None:
     )
     assert not client._out_packet  # manual acknowledgement: nothing sent for either
     # A topic that is not UTF-8 takes paho's own path (its message raises when the topic is read).
-    client._in_packet = {"command": 0x30, "packet": b"\x00\x02\xff\xfeX"}
+    client._in_packet = _in_packet(0x30, b"\x00\x02\xff\xfeX")
     client._handle_publish()
     with pytest.raises(UnicodeDecodeError):
         _ = received[-1].topic
