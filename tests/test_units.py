@@ -841,6 +841,26 @@ def test_it_stores_ten_or_a_hundred_messages_with_the_same_statements(
     assert len(statements[10]) == len(statements[100]), statements
 
 
+def test_it_sets_the_tenants_search_path_once_per_batch(live_db: None, alpha: TenantPersona) -> None:
+    start = timezone.now()
+    with schema_context(alpha.schema):
+        devices = [make_device(endpoint_type()) for _ in range(3)]
+        profiles = ProfileCache()
+        messages = endpoint_messages(devices, 20, start)
+        with CaptureQueriesContext(connection) as captured:
+            result = ingest_batch(messages=messages, profiles=profiles)
+        sets = [q["sql"] for q in captured.captured_queries if q["sql"].startswith("SET search_path")]
+        assert len(sets) == 1, [q["sql"][:60] for q in captured.captured_queries]
+        assert (result.accepted, result.readings) == (20, 40)
+        # Redelivered: the COPY meets the ingest keys and rolls back to its savepoint, after which
+        # django-tenants sets the path again as it always did; nothing is stored twice.
+        again = ingest_batch(messages=messages, profiles=profiles)
+        assert (again.accepted, again.duplicates) == (0, 20)
+        ids = [d.pk for d in devices]
+        assert TelemetryRaw.objects.filter(device_id__in=ids).count() == 20
+        assert TelemetryHistory.objects.filter(device_id__in=ids).count() == 40
+
+
 def test_it_looks_up_a_batchs_device_profiles_in_one_round_trip_each(db: None, alpha: TenantPersona) -> None:
     with schema_context(alpha.schema):
         devices = [make_device(endpoint_type()) for _ in range(5)]
