@@ -37,7 +37,7 @@ def ingest_batch(*, messages: Sequence[IncomingMessage], profiles: ProfileCache)
 
 @contextlib.contextmanager
 def _search_path_once() -> Iterator[None]:
-    """django-tenants sends `SET search_path` before every cursor: 9 of a batch's 19 statements,
+    """django-tenants sends `SET search_path` before every cursor: 7 of a batch's 14 statements,
     15 % of runingest's profile at 5,000 msgs/s (BENCHMARKS.md, "What is left in runingest").
     Here it is sent once, in autocommit before the batch's transaction (no rollback within can
     revert it), and not again within. Inside a transaction already open nothing changes."""
