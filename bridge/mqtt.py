@@ -13,8 +13,14 @@ then stops the broker's writes, and the broker keeps the backlog in its queue fo
 `resume_reading()` starts again. The bridge pauses once it holds its window of unacknowledged
 messages.
 
-The overrides touch paho's private `_sock_recv`/`_sock_send`/`_sock_close`; the version is
-pinned in requirements.txt and tests/test_pipeline.py exercises this path end to end.
+A received MQTT 3.1.1 PUBLISH of QoS 0 or 1 is parsed here too (`_handle_publish`): paho builds
+an `MQTTMessageInfo` with its own `threading.Condition` for every message it receives, which only
+its publishing side uses, and decodes the topic again at every access; that was a quarter of
+runbridge's profile at 5,000 msgs/s (BENCHMARKS.md, "Where the time goes"). MQTT 5, QoS 2 and
+topic-filtered callbacks (`message_callback_add`) keep paho's own path.
+
+The overrides touch paho's private `_sock_recv`/`_sock_send`/`_sock_close`/`_handle_publish`;
+the version is pinned in requirements.txt and tests/test_pipeline.py exercises this path end to end.
 """
 
 from __future__ import annotations
@@ -27,10 +33,39 @@ from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import MessageState
 
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 256 * 1024
+
+
+class ReceivedMessage(mqtt.MQTTMessage):
+    """A received PUBLISH as paho's `MQTTMessage` has it (topic, payload, qos, mid, dup, retain),
+    without the `MQTTMessageInfo` paho's constructor makes for it, its topic decoded once."""
+
+    __slots__ = ("_text",)
+
+    def __init__(self, topic: bytes, text: str, payload: bytes, header: int, mid: int) -> None:
+        # Not MQTTMessage.__init__: that is what builds the MQTTMessageInfo.
+        self._topic = topic
+        self._text = text
+        self.payload = payload
+        self.qos = (header & 0x06) >> 1
+        self.dup = bool(header & 0x08)
+        self.retain = bool(header & 0x01)
+        self.mid = mid
+        self.timestamp = 0.0
+        self.state = MessageState.MQTT_MS_INVALID
+        self.properties = None
+
+    @property
+    def topic(self) -> str:
+        return self._text
+
+    @topic.setter
+    def topic(self, value: bytes) -> None:
+        self._topic, self._text = value, value.decode("utf-8")
 
 
 class BufferedClient(mqtt.Client):
@@ -42,6 +77,44 @@ class BufferedClient(mqtt.Client):
         self._rpos = 0
         self._wbuf = bytearray()
         self._coalescing = False
+        self._filtered_callbacks = False
+
+    # -- receiving --
+
+    def message_callback_add(self, sub: str, callback: Any) -> None:
+        self._filtered_callbacks = True
+        super().message_callback_add(sub, callback)
+
+    def _handle_publish(self) -> mqtt.MQTTErrorCode:
+        header = self._in_packet["command"]
+        if self._protocol == mqtt.MQTTv5 or header & 0x06 == 0x04 or self._filtered_callbacks:
+            return super()._handle_publish()  # MQTT 5 properties, QoS 2, callbacks per topic
+        packet = self._in_packet["packet"]
+        end = 2 + int.from_bytes(packet[:2], "big")
+        topic = packet[2:end]
+        try:
+            text = topic.decode("utf-8")
+        except UnicodeDecodeError:
+            return super()._handle_publish()  # paho's handling of a malformed topic
+        if not topic or len(topic) < end - 2:
+            return mqtt.MQTTErrorCode.MQTT_ERR_PROTOCOL
+        mid = 0
+        if header & 0x06:
+            mid = int.from_bytes(packet[end : end + 2], "big")
+            end += 2
+        message = ReceivedMessage(topic, text, packet[end:], header, mid)
+        on_message = self.on_message
+        if on_message is not None:
+            with self._in_callback_mutex:
+                try:
+                    on_message(self, self._userdata, message)
+                except Exception as exc:
+                    self._easy_log(mqtt.MQTT_LOG_ERR, "Caught exception in on_message: %s", exc)
+                    if not self.suppress_exceptions:
+                        raise
+        if message.qos == 1 and not self._manual_ack:
+            return self._send_puback(mid)
+        return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
 
     # -- reading --
 

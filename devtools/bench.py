@@ -25,7 +25,9 @@ costs about 75 us of CPU per message on this machine kind), BENCH_LIVE_PAGES (0;
 server and N open dashboard pages of the tenant during the load, with a probe device timed from
 its MQTT publish to every page: devtools/live_pages.py), BENCH_BASELINE (empty: both chains;
 1: only the bare chain; 0: only the pipeline), BENCH_CELERY_BROKER_URL (default: a private
-redis-server for the tasks runingest queues).
+redis-server for the tasks runingest queues), BENCH_SIM_NICE (how much the simulator worker
+processes lower their CPU priority; 10 flat out, else 0), BENCH_PROFILE (1: py-spy samples
+runbridge and each runingest during the load; devtools/profile.py).
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ from devtools.measure import (
     postgres_pids,
     sustained_rate,
 )
+from devtools.profile import Profiles
 from devtools.services import ServerHandle, postgres_settings, start_mosquitto, start_nats, start_redis
 from devtools.simulator import CHILD_METRICS, ENDPOINT_METRICS, SimulatorConfig, SimulatorResult, run_simulation
 from devtools.supervisor import ChildError, Supervisor, manage
@@ -76,6 +79,7 @@ READY_TIMEOUT = 90.0  # Django start-up of two processes on a busy 2-core machin
 # Mosquitto republishes its $SYS counters every sys_interval (10 s by default).
 BROKER_STAT_WAIT = 12.0
 STOP_TIMEOUT = 60.0
+SIM_NICE_FLAT_OUT = 10
 
 
 class Writer(Protocol):
@@ -104,6 +108,8 @@ class BenchSettings:
     live_pages: int = 0
     # BENCH_BASELINE: "" (both chains, back to back), "1" (only the bare chain), "0" (only the pipeline).
     baseline: str = ""
+    # BENCH_SIM_NICE: how much the simulator worker processes lower their CPU priority.
+    sim_nice: int = 0
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> BenchSettings:
@@ -124,6 +130,9 @@ class BenchSettings:
             private_nats=env.get("BENCH_PRIVATE_NATS", "1").lower() in ("1", "true", "yes", "on"),
             live_pages=int(env.get("BENCH_LIVE_PAGES", "0") or 0),
             baseline=_baseline_choice(env.get("BENCH_BASELINE", "")),
+            # Flat out, two simulator processes would take as much CPU as they can get, and the
+            # pipeline measured less than it does alone (BENCHMARKS.md, "Overload").
+            sim_nice=int(env.get("BENCH_SIM_NICE", "") or (SIM_NICE_FLAT_OUT if rate == 0 else 0)),
         )
 
     @property
@@ -371,6 +380,18 @@ def postgres_activity() -> PostgresActivity:
     return PostgresActivity(int(wal_bytes), int(wal_fpi), int(timed), int(requested))
 
 
+def wal_report(start: PostgresActivity, end: PostgresActivity, stored: int) -> dict[str, Any]:
+    """The server's WAL over the measured window per 1,000 stored messages (server-wide: other
+    databases' writes on the same server count too)."""
+    per_1k = 1000 / stored if stored else 0.0
+    return {
+        "pg_wal_kb_per_1k_msgs": round((end.wal_bytes - start.wal_bytes) / 1024 * per_1k, 1),
+        "pg_wal_full_page_images_per_1k_msgs": round((end.wal_fpi - start.wal_fpi) * per_1k, 1),
+        "pg_checkpoints": (end.checkpoints_timed - start.checkpoints_timed)
+        + (end.checkpoints_requested - start.checkpoints_requested),
+    }
+
+
 def postgres_server_settings() -> dict[str, str]:
     """The server's values of the settings we ship (docker/postgres/argus.conf), as `pg_<name>`:
     they decide how often checkpoints come and whether the hot index pages stay in its buffers."""
@@ -483,6 +504,7 @@ class Bench:
             client_id_prefix=f"argus-bench-sim-{self.run_id}",
             # The load generator should not be what limits the benchmark: see LeanMqttPublisher.
             lean=os.environ.get("BENCH_LEAN_PUBLISHER", "1") == "1",
+            nice=self.bench.sim_nice,
         )
         for key, value in overrides.items():
             setattr(config, key, value)
@@ -530,15 +552,22 @@ class Bench:
             f"offering {rate} for {self.bench.seconds:g} s from {len(devices)} {self.bench.mode} devices "
             f"({self.bench.sim_processes} simulator process(es), QoS 1)"
         )
+        profiles = self.profiles()
+        activity_start = postgres_activity()
         sampler.mark_start()
+        if profiles is not None:
+            profiles.start()
         if self.live is not None:
             self.live.mark()
         result = run_simulation(self.load_config(devices, prefix))
         self.log(result.summary_line())
+        if profiles is not None:
+            self.log_profiles(profiles)
         if self.live is not None:
             self.live.stop_probe()
         stored = self.drain(base_id, prefix, result.sent)
         sampler.mark_end()
+        activity = postgres_activity()
         live_report: dict[str, Any] = {}
         if self.live is not None:
             live_report = self.live.report()
@@ -549,9 +578,24 @@ class Bench:
         self.exit_codes.update(stop_pipeline(self.pipeline))
         report = self.analyse(base_id, prefix, result, sampler)
         report.update(cost_report(sampler, report["stored"], "", "pipeline_core_ms_per_1k_msgs"))
+        report.update(wal_report(activity_start, activity, report["stored"]))
         if live_report:
             report.update(live_report, cpu_cores_live=round(sampler.cores("live"), 2))
         return report
+
+    def profiles(self) -> Profiles | None:
+        """With BENCH_PROFILE=1: py-spy on runbridge and each runingest for the load's duration."""
+        if os.environ.get("BENCH_PROFILE", "") not in ("1", "true", "yes", "on"):
+            return None
+        assert self.pipeline is not None
+        pids = {c.name.replace("#", ""): c.pid for c in self.pipeline.children}
+        return Profiles(self.log_dir, pids, self.bench.seconds or 30)
+
+    def log_profiles(self, profiles: Profiles) -> None:
+        for name, summary in profiles.finish().items():
+            text = summary.text(f"profile of {name} during the load ({profiles.path(name)})")
+            (self.log_dir / f"profile-{name}.md").write_text(text + "\n")
+            self.log(text)
 
     def load_config(self, devices: list[str], prefix: str) -> SimulatorConfig:
         """The measured load: BENCH_RATE for BENCH_SECONDS from these devices."""

@@ -103,6 +103,10 @@ class SimulatorConfig:
     lean: bool = False
     # Metrics per gateway child: 2 (rssi, battery) or 1 (rssi).
     child_metrics: int = len(CHILD_METRICS)
+    # Worker processes (processes > 1) lower their CPU priority by this much (os.nice): a load
+    # generator sending flat out on the machine it measures otherwise takes the CPU of the
+    # processes under test, which devices sending from elsewhere never do.
+    nice: int = 0
 
     def validate(self) -> None:
         """Raise SimulatorError for settings that cannot work."""
@@ -806,6 +810,8 @@ def worker_main() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     # Only our own parent writes this pipe (see _start_worker).
     config, worker, devices, rate, messages = pickle.loads(sys.stdin.buffer.read())  # noqa: S301
+    if config.nice > 0:
+        os.nice(config.nice)
     try:
         result = run_worker(config, worker, devices, rate=rate, messages=messages, stop=stop)
     except Exception as exc:

@@ -10,15 +10,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Sequence
-from datetime import datetime
+from dataclasses import dataclass
 
 from django.conf import settings
 from django.db import transaction
-from django.utils import timezone
 
 from argus.registry import current_schema
 from devices.models import DeviceStatus, ProcessingMode
-from telemetry.adapters import ADAPTERS, Rejected, check_times
+from telemetry.adapters import ADAPTERS, Rejected, TimeWindow, check_times
 from telemetry.children import resolve_children
 from telemetry.chunks import chunks_admit, chunks_store
 from telemetry.messages import BatchResult, IncomingMessage, Prepared, safe_text
@@ -32,8 +31,9 @@ log = logging.getLogger(__name__)
 def ingest_batch(*, messages: Sequence[IncomingMessage], profiles: ProfileCache) -> BatchResult:
     """Store one tenant's messages (call inside its schema_context); commits before returning."""
     schema = current_schema()
-    now = timezone.now()
-    prepared = [_prepare(m, schema, profiles, now) for m in messages]
+    profiles.prefetch_devices(schema, [m.logical_id for m in messages])
+    limits = _Limits(TimeWindow.from_settings(), settings.ARGUS_MAX_PAYLOAD_BYTES)
+    prepared = [_prepare(m, schema, profiles, limits) for m in messages]
     with transaction.atomic():
         registered = resolve_children(prepared, schema, profiles)
         admissions = chunks_admit([p for p in prepared if p.status == RawStatus.CHUNK])
@@ -67,7 +67,15 @@ def ingest_refused(*, message: IncomingMessage, reason: str, profiles: ProfileCa
     return result
 
 
-def _prepare(message: IncomingMessage, schema: str, profiles: ProfileCache, now: datetime) -> Prepared:
+@dataclass(frozen=True, slots=True)
+class _Limits:
+    """The settings every message of a batch is checked against, read once per batch."""
+
+    times: TimeWindow
+    max_payload: int
+
+
+def _prepare(message: IncomingMessage, schema: str, profiles: ProfileCache, limits: _Limits) -> Prepared:
     device = profiles.device(schema, message.logical_id)
     device_type = profiles.device_type(schema, device.device_type_id) if device else None
     item = Prepared(message=message, device=device, device_type=device_type)
@@ -80,8 +88,8 @@ def _prepare(message: IncomingMessage, schema: str, profiles: ProfileCache, now:
     if message.refusal:
         item.reject(message.refusal)
         return item
-    if len(message.payload) > settings.ARGUS_MAX_PAYLOAD_BYTES:
-        item.reject(f"payload of {len(message.payload)} bytes exceeds {settings.ARGUS_MAX_PAYLOAD_BYTES}")
+    if len(message.payload) > limits.max_payload:
+        item.reject(f"payload of {len(message.payload)} bytes exceeds {limits.max_payload}")
         return item
     try:
         decoded = ADAPTERS[device_type.protocol_adapter](
@@ -92,7 +100,7 @@ def _prepare(message: IncomingMessage, schema: str, profiles: ProfileCache, now:
             error = device_type.schema_error(decoded.document)
             if error:
                 raise Rejected(error)
-            check_times(decoded, message.received_at)
+            check_times(decoded, message.received_at, limits.times)
     except Rejected as exc:
         item.reject(exc.reason)
         return item

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-
 from argus import live
 from telemetry.messages import LatestValues
 
@@ -11,13 +9,7 @@ from telemetry.messages import LatestValues
 def live_stored(schema: str, *, messages: int, readings: int, latest: LatestValues) -> None:
     """Counts and the newest values per device of what a batch or a reassembly stored."""
     live.note_counts(schema, messages=messages, readings=readings)
-    # A reassembly's 2000 children mostly share one or a few times: each formatted once (formatting
-    # every child's time was a tenth of a reassembly in the chunk benchmark's profile).
-    formatted: dict[datetime, str] = {}
-    items = {}
-    for device_id, (time, values) in latest.items():
-        text = formatted.get(time)
-        if text is None:
-            text = formatted[time] = time.isoformat()
-        items[str(device_id)] = {"time": text, "values": values}
-    live.note(schema, "devices", items)
+    # The time as a datetime: orjson writes it (as isoformat would) when the coalesced event goes
+    # out, once per interval, instead of every batch formatting every device's time (4 % of
+    # runingest's profile at 5,000 msgs/s from 1,000 devices).
+    live.note(schema, "devices", {str(d): {"time": t, "values": v} for d, (t, v) in latest.items()})

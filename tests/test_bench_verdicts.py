@@ -16,6 +16,7 @@ from devtools.bench import (
     human_summary,
 )
 from devtools.measure import ProcSampler, cost_report, sustained_rate
+from devtools.profile import Row, summarise
 
 
 def chain(prefix: str = "", **overrides: Any) -> dict[str, Any]:
@@ -138,6 +139,34 @@ def test_it_reads_bench_baseline() -> None:
     assert skip.runs_pipeline and not skip.runs_baseline
     with pytest.raises(BenchError):
         BenchSettings.from_env({"BENCH_BASELINE": "maybe"})
+
+
+def test_it_lowers_the_generators_priority_only_flat_out() -> None:
+    assert BenchSettings.from_env({"BENCH_RATE": "0"}).sim_nice == 10
+    assert BenchSettings.from_env({"BENCH_RATE": "5000"}).sim_nice == 0
+    assert BenchSettings.from_env({"BENCH_RATE": "0", "BENCH_SIM_NICE": "0"}).sim_nice == 0
+
+
+def test_it_summarises_a_py_spy_profile() -> None:
+    collapsed = "\n".join(
+        [
+            "_bootstrap (threading.py:1);step (telemetry/consumer.py:10);_prepare (telemetry/ingest.py:60) 6",
+            "_bootstrap (threading.py:1);step (telemetry/consumer.py:12);wait (psycopg/connection.py:9) 3",
+            "_bootstrap (threading.py:1);step (telemetry/consumer.py:10) 1",
+            "not a stack line",
+        ]
+    )
+    summary = summarise(collapsed)
+    assert summary.samples == 10
+    assert [(r.function, r.self_pct) for r in summary.by_self] == [
+        ("_prepare (telemetry/ingest.py)", 60.0),
+        ("wait (psycopg/connection.py)", 30.0),
+        ("step (telemetry/consumer.py)", 10.0),
+    ]
+    # Line numbers merged, the thread start left out of the totals.
+    assert summary.by_total[0] == Row("step (telemetry/consumer.py)", 10.0, 100.0)
+    assert all("threading.py" not in r.function for r in summary.by_total)
+    assert "| 60.0 | `_prepare (telemetry/ingest.py)` |" in summary.text("ingest")
 
 
 def test_it_summarises_a_baseline_only_run() -> None:

@@ -314,6 +314,57 @@ def test_it_stops_reading_the_broker_while_it_holds_its_window_of_unacknowledged
     asyncio.run(scenario())
 
 
+def _in_packet(command: int, packet: bytes) -> Any:
+    """paho's state of a packet it has read whole."""
+    return {
+        "command": command,
+        "have_remaining": 1,
+        "remaining_count": [],
+        "remaining_mult": 1,
+        "remaining_length": len(packet),
+        "packet": packet,
+        "to_process": 0,
+        "pos": 0,
+    }
+
+
+def test_it_parses_a_received_publish_as_paho_would() -> None:
+    received: list[mqtt.MQTTMessage] = []
+    client = BufferedClient(mqtt.CallbackAPIVersion.VERSION2, client_id=unique_id("parse"), manual_ack=True)
+    client.on_message = lambda c, userdata, message: received.append(message)
+    topic = "devices/dev-ü/telemetry".encode()
+    packets = [
+        (0x32, len(topic).to_bytes(2, "big") + topic + (513).to_bytes(2, "big") + b'{"v":1}'),  # QoS 1
+        (0x39, len(topic).to_bytes(2, "big") + topic + b"\x00\x07"),  # QoS 0, dup and retain set
+    ]
+    for command, packet in packets:
+        client._in_packet = _in_packet(command, packet)
+        assert client._handle_publish() == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+    first, second = received
+    assert (first.topic, first.payload, first.qos, first.mid, first.dup, first.retain) == (
+        "devices/dev-ü/telemetry",
+        b'{"v":1}',
+        1,
+        513,
+        False,
+        False,
+    )
+    assert (second.topic, second.payload, second.qos, second.mid, second.dup, second.retain) == (
+        "devices/dev-ü/telemetry",
+        b"\x00\x07",
+        0,
+        0,
+        True,
+        True,
+    )
+    assert not client._out_packet  # manual acknowledgement: nothing sent for either
+    # A topic that is not UTF-8 takes paho's own path (its message raises when the topic is read).
+    client._in_packet = _in_packet(0x30, b"\x00\x02\xff\xfeX")
+    client._handle_publish()
+    with pytest.raises(UnicodeDecodeError):
+        _ = received[-1].topic
+
+
 def test_it_keeps_the_broker_connection_while_reading_is_paused(broker: ServerHandle) -> None:
     async def scenario() -> None:
         client = BufferedClient(mqtt.CallbackAPIVersion.VERSION2, client_id=unique_id("paused"))
@@ -788,6 +839,56 @@ def test_it_stores_ten_or_a_hundred_messages_with_the_same_statements(
             assert (result.accepted, result.rejected, result.duplicates, result.readings) == (size, 0, 0, 2 * size)
             statements[size] = [query["sql"] for query in captured.captured_queries]
     assert len(statements[10]) == len(statements[100]), statements
+
+
+def test_it_sets_the_tenants_search_path_at_most_once_per_batch(live_db: None, alpha: TenantPersona) -> None:
+    start = timezone.now()
+    with schema_context(alpha.schema):
+        devices = [make_device(endpoint_type()) for _ in range(3)]
+        profiles = ProfileCache()
+        messages = endpoint_messages(devices, 20, start)
+        with CaptureQueriesContext(connection) as captured:
+            result = ingest_batch(messages=messages, profiles=profiles)
+        # TENANT_LIMIT_SET_CALLS: the path is set when the schema changes, not before every cursor
+        # (none here when the connection is already in the tenant's schema).
+        sets = [q["sql"] for q in captured.captured_queries if q["sql"].startswith("SET search_path")]
+        assert len(sets) <= 1, [q["sql"][:60] for q in captured.captured_queries]
+        assert (result.accepted, result.readings) == (20, 40)
+        # Redelivered: the COPY meets the ingest keys and rolls back to its savepoint, after which
+        # django-tenants sets the path again as it always did; nothing is stored twice.
+        again = ingest_batch(messages=messages, profiles=profiles)
+        assert (again.accepted, again.duplicates) == (0, 20)
+        ids = [d.pk for d in devices]
+        assert TelemetryRaw.objects.filter(device_id__in=ids).count() == 20
+        assert TelemetryHistory.objects.filter(device_id__in=ids).count() == 40
+
+
+def test_it_looks_up_a_batchs_device_profiles_in_one_round_trip_each(db: None, alpha: TenantPersona) -> None:
+    with schema_context(alpha.schema):
+        devices = [make_device(endpoint_type()) for _ in range(5)]
+        ids = [d.logical_identifier for d in devices] + [unique_id("nobody")]
+        cold = ProfileCache()
+        with CaptureQueriesContext(connection) as captured:
+            cold.prefetch_devices(alpha.schema, ids * 3)  # a batch names each device many times
+            found = {i: cold.device(alpha.schema, i) for i in ids}
+        # One query for all of them, none per lookup (besides the schema and the cache's key prefix).
+        device_queries = [q["sql"] for q in captured.captured_queries if 'FROM "devices"' in q["sql"]]
+        assert len(device_queries) == 1, captured.captured_queries
+        assert {i: p.id if p else None for i, p in found.items()} == {
+            **{d.logical_identifier: d.pk for d in devices},
+            ids[-1]: None,
+        }
+        # Another process (nothing local): the known ones come from Redis, in one MGET.
+        warm = ProfileCache()
+        warm.prefetch_devices(alpha.schema, ids[:-1])
+        with CaptureQueriesContext(connection) as captured:
+            assert [warm.device(alpha.schema, i) for i in ids[:-1]] == [found[i] for i in ids[:-1]]
+            # Expired locally: fetched again before the batch, not one by one during it.
+            for key, (_, value) in list(warm._local.items()):
+                warm._local[key] = (0.0, value)
+            warm.prefetch_devices(alpha.schema, ids[:-1])
+            assert all(entry[0] > time.monotonic() for entry in warm._local.values())
+        assert not [q for q in captured.captured_queries if 'FROM "devices"' in q["sql"]]
 
 
 # --------------------------------------------------------------------------- outages (argus/outage.py)
