@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,9 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models, transaction
-from django.db.models import F, Q
+from django.db.models import ExpressionWrapper, F, Q, Value
+from django.db.models.functions import Coalesce, Now
+from django.db.models.lookups import LessThan
 from django.utils import timezone
 
 from argus.identity import is_reserved_identifier
@@ -101,6 +104,19 @@ class DeviceType(models.Model):
         validators=[MinValueValidator(1), MaxValueValidator(10000)],
         help_text="Chunked gateways: the largest `total` accepted.",
     )
+    expected_interval_seconds = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1)],
+        help_text="How often devices of this type send (seconds). A device silent for "
+        "ARGUS_PRESENCE_INACTIVE_INTERVALS of these counts as inactive. Empty: never inactive.",
+    )
+    error_feedback = models.BooleanField(
+        default=False,
+        db_default=False,
+        help_text="Answer each rejected MQTT message on devices/<id>/errors (msg_id and reason), "
+        "rate-limited per device (docs/ingestion.md).",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -142,6 +158,31 @@ class DeviceStatus(models.TextChoices):
     DISABLED = "disabled", "Disabled"
 
 
+class DeviceQuerySet(models.QuerySet["Device"]):
+    def with_presence(self) -> DeviceQuerySet:
+        """Annotate `inactive`: the device's type has an expected interval and nothing was heard
+        from the device (since it was registered) for ARGUS_PRESENCE_INACTIVE_INTERVALS of them,
+        by the database's clock when the query runs.
+
+        `last_seen` lags by up to 1.5 resolutions (ARGUS_LAST_SEEN_RESOLUTION_SECONDS), so that
+        much is added to the silence allowed: a device sending on time is never called inactive.
+        """
+        slack = timedelta(seconds=1.5 * settings.ARGUS_LAST_SEEN_RESOLUTION_SECONDS)
+        allowed = ExpressionWrapper(
+            Value(timedelta(seconds=settings.ARGUS_PRESENCE_INACTIVE_INTERVALS))
+            * F("device_type__expected_interval_seconds"),
+            output_field=models.DurationField(),
+        )
+        cutoff = ExpressionWrapper(Now() - Value(slack) - allowed, output_field=models.DateTimeField())
+        silent: LessThan[Any] = LessThan(Coalesce(F("last_seen"), F("created_at")), cutoff)
+        return self.annotate(
+            inactive=ExpressionWrapper(
+                Q(device_type__expected_interval_seconds__isnull=False) & Q(status=DeviceStatus.ACTIVE) & Q(silent),
+                output_field=models.BooleanField(),
+            )
+        )
+
+
 class Device(models.Model):
     """A physical or logical device; its logical identifier is unique across the whole platform."""
 
@@ -164,8 +205,18 @@ class Device(models.Model):
     status = models.CharField(max_length=20, choices=DeviceStatus.choices, default=DeviceStatus.ACTIVE)
     metadata = models.JSONField(default=dict, blank=True)
     last_seen = models.DateTimeField(null=True, blank=True)
+    # Presence (telemetry/presence.py): from the device's messages on devices/<id>/status, its
+    # "online" and the broker's last will. None: the device never said.
+    online = models.BooleanField(null=True, blank=True, editable=False)
+    presence_since = models.DateTimeField(
+        null=True, blank=True, editable=False, help_text="When the bridge heard the current online/offline state."
+    )
+    # A database default: ingest registers gateway children in SQL of its own (telemetry/children.py).
+    last_disconnect_reason = models.CharField(max_length=200, blank=True, editable=False, db_default="")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
+
+    objects = DeviceQuerySet.as_manager()
 
     class Meta:
         db_table = "devices"
@@ -261,6 +312,21 @@ class Device(models.Model):
                 )
         if errors:
             raise ValidationError(errors)
+
+
+def presence_text(device: Device) -> str:
+    """`online since …`, `offline since … (reason)`, `unknown`; `inactive` added when silent for
+    its type's allowed intervals (`Device.objects.with_presence()`)."""
+    if device.online is None or device.presence_since is None:
+        text = "unknown"
+    else:
+        since = timezone.localtime(device.presence_since).strftime("%Y-%m-%d %H:%M:%S")
+        text = f"{'online' if device.online else 'offline'} since {since}"
+        if not device.online and device.last_disconnect_reason:
+            text += f" ({device.last_disconnect_reason})"
+    if getattr(device, "inactive", False):
+        text += ", inactive"
+    return text
 
 
 class DeviceCertificate(models.Model):

@@ -21,8 +21,9 @@ from devices.models import DeviceStatus, ProcessingMode
 from telemetry.adapters import ADAPTERS, Rejected, check_times
 from telemetry.children import resolve_children
 from telemetry.chunks import chunks_admit, chunks_store
-from telemetry.messages import BatchResult, IncomingMessage, Prepared, safe_text
+from telemetry.messages import KIND_STATUS, BatchResult, IncomingMessage, Prepared, safe_text
 from telemetry.models import RawStatus
+from telemetry.presence import presence_apply
 from telemetry.profiles import ProfileCache
 from telemetry.storage import write_prepared
 
@@ -33,6 +34,9 @@ def ingest_batch(*, messages: Sequence[IncomingMessage], profiles: ProfileCache)
     """Store one tenant's messages (call inside its schema_context); commits before returning."""
     schema = current_schema()
     now = timezone.now()
+    statuses = [m for m in messages if m.kind == KIND_STATUS]
+    if statuses:
+        messages = [m for m in messages if m.kind != KIND_STATUS]
     prepared = [_prepare(m, schema, profiles, now) for m in messages]
     with transaction.atomic():
         registered = resolve_children(prepared, schema, profiles)
@@ -40,6 +44,8 @@ def ingest_batch(*, messages: Sequence[IncomingMessage], profiles: ProfileCache)
         result, inserted = write_prepared(prepared)
         result.children_registered = len(registered)
         result.completed_transactions = chunks_store(admissions, inserted)
+        if statuses:
+            result.presence = presence_apply(messages=statuses, profiles=profiles)
     # Only now are the new children real for other transactions too.
     for profile in registered:
         profiles.remember_device(schema, profile)

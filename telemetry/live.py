@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 from argus import live
-from telemetry.messages import LatestValues
+from telemetry.messages import LatestValues, Presence
 
 
 def live_stored(schema: str, *, messages: int, readings: int, latest: LatestValues) -> None:
     """Counts and the newest values per device of what a batch or a reassembly stored."""
     live.note_counts(schema, messages=messages, readings=readings)
     live.note(schema, "devices", {str(d): {"time": t.isoformat(), "values": v} for d, (t, v) in latest.items()})
+
+
+def live_presence(schema: str, presence: dict[int, Presence]) -> None:
+    """Devices whose presence (online/offline) a batch changed."""
+    live.note(
+        schema,
+        "presence",
+        {
+            str(d): {"online": p.online, "since": p.since.isoformat(), "reason": p.last_disconnect_reason}
+            for d, p in presence.items()
+        },
+    )

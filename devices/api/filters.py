@@ -18,6 +18,12 @@ class DeviceFilterSet(django_filters.FilterSet):
     last_seen_after = TimeFilter(field_name="last_seen", lookup_expr="gte")
     last_seen_before = TimeFilter(field_name="last_seen", lookup_expr="lt")
     never_seen = django_filters.BooleanFilter(field_name="last_seen", lookup_expr="isnull")
+    online = django_filters.BooleanFilter(
+        help_text="Online (true) or offline (false), as its status topic last said (devices that never said: neither)."
+    )
+    inactive = django_filters.BooleanFilter(
+        help_text="Silent for ARGUS_PRESENCE_INACTIVE_INTERVALS of its type's expected interval (true), or not."
+    )
 
     class Meta:
         model = Device
