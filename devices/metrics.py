@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector
 
 from argus.outage import is_database_error
 from argus.registry import each_tenant_schema
-from devices.models import Device
+from devices.models import Device, inactive_condition
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +28,8 @@ def presence_counts() -> dict[str, tuple[int, int]]:
     """tenant schema -> (devices online, devices inactive); two counts in one query per tenant."""
     counts = {}
     for schema in each_tenant_schema():
-        totals = Device.objects.with_presence().aggregate(
-            online=Count("id", filter=Q(online=True)), inactive=Count("id", filter=Q(inactive=True))
+        totals = Device.objects.aggregate(
+            online=Count("id", filter=Q(online=True)), inactive=Count("id", filter=inactive_condition())
         )
         counts[schema] = (totals["online"], totals["inactive"])
     return counts

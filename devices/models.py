@@ -158,29 +158,29 @@ class DeviceStatus(models.TextChoices):
     DISABLED = "disabled", "Disabled"
 
 
+def inactive_condition() -> Q:
+    """True for a device whose type has an expected interval and that was not heard from (since it
+    was registered) for ARGUS_PRESENCE_INACTIVE_INTERVALS of them, by the database's clock when
+    the query runs. Disabled devices are never inactive: nobody expects them to send.
+
+    `last_seen` lags by up to 1.5 resolutions (ARGUS_LAST_SEEN_RESOLUTION_SECONDS), so that much
+    is added to the silence allowed: a device sending on time is never called inactive.
+    """
+    slack = timedelta(seconds=1.5 * settings.ARGUS_LAST_SEEN_RESOLUTION_SECONDS)
+    allowed = ExpressionWrapper(
+        Value(timedelta(seconds=settings.ARGUS_PRESENCE_INACTIVE_INTERVALS))
+        * F("device_type__expected_interval_seconds"),
+        output_field=models.DurationField(),
+    )
+    cutoff = ExpressionWrapper(Now() - Value(slack) - allowed, output_field=models.DateTimeField())
+    silent: LessThan[Any] = LessThan(Coalesce(F("last_seen"), F("created_at")), cutoff)
+    return Q(device_type__expected_interval_seconds__isnull=False) & Q(status=DeviceStatus.ACTIVE) & Q(silent)
+
+
 class DeviceQuerySet(models.QuerySet["Device"]):
     def with_presence(self) -> DeviceQuerySet:
-        """Annotate `inactive`: the device's type has an expected interval and nothing was heard
-        from the device (since it was registered) for ARGUS_PRESENCE_INACTIVE_INTERVALS of them,
-        by the database's clock when the query runs.
-
-        `last_seen` lags by up to 1.5 resolutions (ARGUS_LAST_SEEN_RESOLUTION_SECONDS), so that
-        much is added to the silence allowed: a device sending on time is never called inactive.
-        """
-        slack = timedelta(seconds=1.5 * settings.ARGUS_LAST_SEEN_RESOLUTION_SECONDS)
-        allowed = ExpressionWrapper(
-            Value(timedelta(seconds=settings.ARGUS_PRESENCE_INACTIVE_INTERVALS))
-            * F("device_type__expected_interval_seconds"),
-            output_field=models.DurationField(),
-        )
-        cutoff = ExpressionWrapper(Now() - Value(slack) - allowed, output_field=models.DateTimeField())
-        silent: LessThan[Any] = LessThan(Coalesce(F("last_seen"), F("created_at")), cutoff)
-        return self.annotate(
-            inactive=ExpressionWrapper(
-                Q(device_type__expected_interval_seconds__isnull=False) & Q(status=DeviceStatus.ACTIVE) & Q(silent),
-                output_field=models.BooleanField(),
-            )
-        )
+        """Annotate `inactive` (`inactive_condition`)."""
+        return self.annotate(inactive=ExpressionWrapper(inactive_condition(), output_field=models.BooleanField()))
 
 
 class Device(models.Model):
