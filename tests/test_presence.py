@@ -206,17 +206,20 @@ def test_it_keeps_feedback_for_new_mqtt_rejections_of_types_that_opt_in(in_alpha
         messages=[
             message(talkative, bad),
             message(talkative, b"{not json"),
+            # Refused by the adapter before its msg_id was read: the feedback still names it.
+            message(talkative, b'{"msg_id": "str-1", "values": {"temperature": "hot"}}'),
             message(talkative, b'{"msg_id": "ok-1", "values": {"temperature": 1}}'),
             message(talkative, b'{"msg_id": "http-1", "values": {}}', transport="http"),  # HTTP said 400
             message(quiet, bad),
         ],
         profiles=profiles,
     )
-    assert result.rejected == 4
+    assert result.rejected == 5
     got = [(f.logical_id, f.msg_id, f.reason.split(":")[0]) for f in result.feedback]
     assert got == [
         (talkative.logical_identifier, "bad-1", "schema"),
         (talkative.logical_identifier, None, "malformed JSON"),
+        (talkative.logical_identifier, "str-1", "values.temperature is not a number"),
     ], result.feedback
     assert "temperature" in result.feedback[0].reason
     # A redelivery stores nothing new, and is not answered twice.
