@@ -290,7 +290,7 @@ def test_it_keeps_a_device_from_writing_another_devices_status(platform: MtlsPla
         # Mosquitto 2.0.11 accepts the CONNECT and checks the will's topic when it publishes it.
         assert will.connected.wait(TIMEOUT), will.connect_rc
         sock = will.client.socket()
-        assert sock is not None
+        assert isinstance(sock, ssl.SSLSocket)
         sock.shutdown(socket.SHUT_RDWR)
     finally:
         will.client.loop_stop()
