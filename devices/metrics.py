@@ -12,12 +12,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
-from django.db import close_old_connections
+from django.db import DatabaseError
 from django.db.models import Count, Q
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from argus.outage import is_database_error
+from argus.outage import close_broken_connection
 from argus.registry import each_tenant_schema
 from devices.models import Device, inactive_condition
 
@@ -49,12 +49,11 @@ class PresenceCollector(Collector):
         )
         try:
             counts = presence_counts()
-        except Exception as exc:
-            if not is_database_error(exc):
-                raise
-            # The scrape still answers (the request metrics matter most while the database is down).
-            log.warning("presence gauges skipped, database unavailable: %s", exc)
-            close_old_connections()
+        except DatabaseError as exc:
+            # The scrape still answers, without these gauges: the request metrics matter most
+            # while the database is down (or not migrated yet).
+            log.warning("presence gauges skipped, the database did not answer: %s", exc)
+            close_broken_connection()
             counts = {}
         for schema, (n_online, n_inactive) in sorted(counts.items()):
             online.add_metric([schema], n_online)

@@ -39,8 +39,10 @@ from dashboard.selectors import overview
 from dashboard.views import _for_page
 from devices import pki
 from devices.models import Device, DeviceStatus, inactive_condition, presence_text
+from devtools.simulator import SimulatorConfig, run_simulation
 from telemetry.ingest import ingest_batch
 from telemetry.messages import KIND_STATUS, IncomingMessage
+from telemetry.models import TelemetryRaw
 from telemetry.presence import InvalidStatus, parse_status
 from telemetry.profiles import ProfileCache
 from tests.conftest import TenantPersona, make_device, make_device_type, tenant_admin_client, unique_id
@@ -413,6 +415,12 @@ def test_it_flips_a_device_offline_by_its_last_will_and_back_online(
         with schema_context(alpha.schema):
             return presence_of(device)
 
+    # The simulator as the demo runs it: online when connected, "offline: shutdown" at its end.
+    result = run_simulation(
+        SimulatorConfig(devices=[device.logical_identifier], mqtt_url=pipeline.mqtt_url, presence=True, messages=2)
+    )
+    assert result.acked == 2
+    wait_for(lambda: presence()[0::2] == (False, "shutdown"), timeout=15, what="the simulator's shutdown")
     device_processes.append(start_device(pipeline, device.logical_identifier))
     wait_for(lambda: presence()[0] is True, timeout=15, what="the device online")
     online_since = presence()[1]
@@ -424,6 +432,8 @@ def test_it_flips_a_device_offline_by_its_last_will_and_back_online(
     device_processes.append(start_device(pipeline, device.logical_identifier))
     wait_for(lambda: presence()[0] is True, timeout=15, what="the device back online")
     assert presence()[1] > offline_since and presence()[2] == "connection lost"
+    with schema_context(alpha.schema):
+        assert TelemetryRaw.objects.filter(logical_identifier=device.logical_identifier).count() == 2
 
 
 class ErrorsListener:
