@@ -395,7 +395,7 @@ ARGUS_BRIDGE_ROUTE_TTL_SECONDS = env_float("ARGUS_BRIDGE_ROUTE_TTL_SECONDS", 60.
 # Presence and feedback to the device (issue 17; docs/ingestion.md, "Status and errors"): a device of a
 # type with an expected interval is inactive once silent for this many intervals; rejections of
 # the types that opt in are answered on devices/<id>/errors at most at this rate per device
-# (token bucket: per second on average, at once), the rest only counted.
+# (token bucket: per second on average, at once; both above 0), the rest only counted.
 ARGUS_PRESENCE_INACTIVE_INTERVALS = env_int("ARGUS_PRESENCE_INACTIVE_INTERVALS", 3)
 ARGUS_DEVICE_ERRORS_RATE = env_float("ARGUS_DEVICE_ERRORS_RATE", 0.2)
 ARGUS_DEVICE_ERRORS_BURST = env_float("ARGUS_DEVICE_ERRORS_BURST", 5.0)

@@ -34,6 +34,7 @@ from django.utils import timezone
 from django_tenants.utils import schema_context
 from paho.mqtt.enums import CallbackAPIVersion
 
+from argus.checks import bounds_check
 from bridge.bridge import DeviceRateLimit
 from dashboard.selectors import overview
 from dashboard.views import _for_page
@@ -236,6 +237,12 @@ def test_it_answers_a_device_at_most_its_feedback_burst_then_its_rate() -> None:
     assert limit.allow("DEV-B", 100.0)  # per device
     assert not limit.allow("DEV-A", 101.0)
     assert limit.allow("DEV-A", 102.0)  # 0.5/s: one more after 2 s
+
+
+def test_it_refuses_to_start_with_unlimited_feedback(settings: Any) -> None:
+    settings.ARGUS_DEVICE_ERRORS_RATE = 0
+    errors = [m.msg for m in bounds_check()]
+    assert errors == ["ARGUS_DEVICE_ERRORS_RATE must be above 0 (is 0)."]
 
 
 def test_it_ships_the_acl_the_pki_command_writes(tmp_path: Path) -> None:
