@@ -236,9 +236,22 @@ class Device(models.Model):
     # The identity as loaded from the database, so save() can tell a rename (None: unknown).
     _loaded_logical_identifier: str | None = None
 
+    # Written by ingest alone (telemetry/presence.py): a save of a copy loaded before a status
+    # arrived (the admin's form, an API PATCH) must not put the old presence back.
+    PIPELINE_FIELDS = ("online", "presence_since", "last_disconnect_reason")
+
     def save(self, *args: Any, **kwargs: Any) -> None:
         from argus.registry import registry_sync
 
+        if (
+            not self._state.adding
+            and not args
+            and kwargs.get("update_fields") is None
+            and not kwargs.get("force_insert")
+        ):
+            kwargs["update_fields"] = [
+                f.name for f in self._meta.concrete_fields if not f.primary_key and f.name not in self.PIPELINE_FIELDS
+            ]
         update_fields = kwargs.get("update_fields")
         renamed = False
         with transaction.atomic():

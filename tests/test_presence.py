@@ -101,6 +101,16 @@ def test_it_stores_online_then_offline_with_its_reason_and_keeps_the_reason_when
     assert presence_of(device) == (True, t2, "connection lost")
 
 
+def test_it_keeps_presence_when_a_copy_loaded_before_it_is_saved(in_alpha: TenantPersona) -> None:
+    device = make_device(make_device_type())
+    stale = Device.objects.get(pk=device.pk)  # the admin's form, an API PATCH
+    ingest_batch(messages=[status(device.logical_identifier, b"offline")], profiles=ProfileCache())
+    stale.name = "renamed"
+    stale.save()
+    device.refresh_from_db()
+    assert (device.name, device.online) == ("renamed", False)
+
+
 def test_it_lets_the_newest_status_win_whatever_order_they_are_stored_in(in_alpha: TenantPersona) -> None:
     device = make_device(make_device_type())
     profiles = ProfileCache()
