@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 SERVICES := $(PY) -m devtools.services run --
 export ARGUS_WEB_PORT ?= 8000
 
-.PHONY: install lock browser demo test test-inner lint check bench chunk-bench alert-bench history-bench provision-bench faults services-up services-down clean
+.PHONY: install lock browser demo test test-inner lint check bench chunk-bench alert-bench history-bench provision-bench fleet-bench http-bench faults services-up services-down clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] < (3, 11))' || \
@@ -75,6 +75,15 @@ history-bench: install
 ## make provision-bench: manage.py provision on a file of PROVISION_BENCH_DEVICES (10,000) devices: created, unchanged, updated.
 provision-bench: install
 	DEBUG=1 $(SERVICES) $(PY) -m devtools.provision_bench
+
+## make fleet-bench: FLEET_DEVICES (10,000) devices, one mTLS connection and certificate each, publishing every
+## FLEET_INTERVAL (10) s for FLEET_SECONDS (120); FLEET_STORM=1 restarts the broker meanwhile (devtools/fleet_bench.py).
+fleet-bench: install
+	DEBUG=1 $(SERVICES) $(PY) manage.py fleet_bench
+
+## make http-bench: POST /api/v1/telemetry through gunicorn with API keys, single readings and batches (BENCH_SECONDS per phase, 30).
+http-bench: install
+	DEBUG=1 $(SERVICES) $(PY) -m devtools.http_bench
 
 ## make faults: the fault suite (FAULTS=name,name picks some); updates the table in docs/validation.md.
 faults: install

@@ -43,3 +43,9 @@ def child_exit(server: Any, worker: Any) -> None:
 def on_exit(server: Any) -> None:
     if _own_directory:
         shutil.rmtree(_own_directory, ignore_errors=True)
+
+
+# Threads per worker (gthread; ignored by the live server's uvicorn worker). An ingest request
+# spends most of its time waiting on PostgreSQL, Redis and the JetStream PubAck: 2 workers x 8
+# threads answered 177 requests/s where 4 sync workers answered 50 (make http-bench, BENCHMARKS.md).
+threads = int(os.environ.get("ARGUS_WEB_THREADS", "8"))

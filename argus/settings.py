@@ -147,6 +147,8 @@ SILENCED_SYSTEM_CHECKS = ["security.W021"]
 DATABASE_URL = env("DATABASE_URL", DEFAULT_SERVICE_URLS["DATABASE_URL"])
 REDIS_URL = env("REDIS_URL", DEFAULT_SERVICE_URLS["REDIS_URL"])
 MQTT_URL = env("MQTT_URL", DEFAULT_SERVICE_URLS["MQTT_URL"])
+# One NATS server, or a cluster's servers comma-separated (`nats://n1:4222,nats://n2:4222,...`):
+# every process connects to one of them and moves to another when it fails (telemetry.jetstream.nats_servers).
 NATS_URL = env("NATS_URL", DEFAULT_SERVICE_URLS["NATS_URL"])
 ARGUS_PKI_DIR = Path(env("ARGUS_PKI_DIR", str(BASE_DIR / ".pki")))
 # Optional: a directory that receives a copy of the CA certificate and the CRL whenever the CRL is
@@ -219,6 +221,10 @@ INSTALLED_APPS = SHARED_APPS + [app for app in TENANT_APPS if app not in SHARED_
 
 TENANT_MODEL = "argus.Organization"
 TENANT_DOMAIN_MODEL = "argus.Domain"
+# `SET search_path` only when the schema changed (set_tenant, a new connection, a rollback), not
+# before every statement: django-tenants' default doubled the round trips of every query, and
+# was the largest cost of an HTTP ingest request (make http-bench profile, BENCHMARKS.md).
+TENANT_LIMIT_SET_CALLS = True
 PUBLIC_SCHEMA_NAME = "public"
 # The public site (platform admin, and the API, which routes by credential) has the same URLs as a
 # tenant's site; what differs is what the admin shows (see argus/admin.py) and who may reach it
@@ -367,6 +373,13 @@ ARGUS_STREAM_MAX_BYTES = env_int("ARGUS_STREAM_MAX_BYTES", 8 * 1024**3)
 ARGUS_DEADLETTER_MAX_BYTES = env_int("ARGUS_DEADLETTER_MAX_BYTES", 1024**3)
 # Dead letters older than this are dropped by JetStream (list and replay them before: manage.py deadletters).
 ARGUS_DEADLETTER_MAX_AGE_DAYS = env_float("ARGUS_DEADLETTER_MAX_AGE_DAYS", 30.0)
+# Copies of each stream JetStream keeps: 1 on one nats-server, 3 in a three-node cluster (a
+# stream then survives one node lost; 5 survives two). Odd, at most the cluster's size (max 5).
+ARGUS_STREAM_REPLICAS = env_int("ARGUS_STREAM_REPLICAS", 1)
+if ARGUS_STREAM_REPLICAS not in (1, 2, 3, 4, 5):
+    raise ImproperlyConfigured(f"ARGUS_STREAM_REPLICAS={ARGUS_STREAM_REPLICAS}: expected 1 to 5 (1 or 3)")
+# How long JetStream remembers a message id (Nats-Msg-Id): a publish retried within it is stored once.
+ARGUS_STREAM_DUPLICATE_WINDOW_SECONDS = env_float("ARGUS_STREAM_DUPLICATE_WINDOW_SECONDS", 120.0)
 ARGUS_INGEST_MAX_DELIVER = env_int("ARGUS_INGEST_MAX_DELIVER", 5)
 ARGUS_INGEST_ACK_WAIT_SECONDS = env_float("ARGUS_INGEST_ACK_WAIT_SECONDS", 30.0)
 ARGUS_INGEST_MAX_ACK_PENDING = env_int("ARGUS_INGEST_MAX_ACK_PENDING", 20000)

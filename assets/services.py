@@ -13,7 +13,12 @@ def telemetry_evaluate(*, latest: LatestValues) -> tuple[AlertChanges, set[int]]
     """After a committed batch: the rules of every asset these devices feed, advanced by the
     batch's newest (transformed) values. Returns the changes and the assets that got values
     and have a health algorithm (their score is due)."""
-    return readings_evaluate(readings=readings_of_batch(latest))
+    # The devices that feed an asset first: a reassembly's 2000 beacons mostly feed none, and
+    # turning every one into per-metric readings was 10 % of a reassembly (chunk benchmark profile).
+    linked = linked_devices(list(latest))
+    if not linked:
+        return AlertChanges(), set()
+    return readings_evaluate(readings=readings_of_batch({device_id: latest[device_id] for device_id in linked}))
 
 
 def readings_evaluate(*, readings: LatestReadings) -> tuple[AlertChanges, set[int]]:

@@ -307,7 +307,7 @@ class MqttBridge:
         """Connect to NATS (streams declared), load routes, then connect to the broker."""
         self._loop = asyncio.get_running_loop()
         self._nc = await nats.connect(
-            self.nats_url,
+            js_defs.nats_servers(self.nats_url),
             max_reconnect_attempts=-1,
             reconnect_time_wait=1,
             error_cb=self._nats_error,

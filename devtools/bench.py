@@ -465,6 +465,8 @@ class Bench:
         self.nats: ServerHandle | None = None
         self.broker_url = ""
         self.application_name = f"argus-bench-{self.run_id}"
+        # More broker configuration (the fleet bench's mTLS listener), after the shipped plain listener.
+        self.broker_conf_extra = ""
 
     def log(self, text: str) -> None:
         self.out.write(f"bench: {text}\n")
@@ -561,7 +563,7 @@ class Bench:
         """Start the private Mosquitto (self.servers[0]) and, unless BENCH_PRIVATE_NATS=0, a private
         nats-server; return the environment the pipeline's processes run with."""
         log_dir.mkdir(parents=True, exist_ok=True)
-        broker = start_mosquitto(workdir=log_dir / "mosquitto")
+        broker = start_mosquitto(conf_extra=self.broker_conf_extra, workdir=log_dir / "mosquitto")
         self.servers.append(broker)
         self.broker_url = broker.url
         if not self.celery_url:

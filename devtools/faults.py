@@ -1,8 +1,10 @@
-"""The fault suite: each fault of issue 11 run on real processes and servers, then checked.
+"""The fault suite: each fault run on real processes and servers, then checked.
 
 `manage.py faults` (and `make faults`; `FAULTS=name,name` picks some) runs every fault against a
 private Mosquitto (the shipped config) and a private nats-server, with runbridge and runingest as
-children. A device (paho, QoS 1, persistent session, reconnecting) publishes at a fixed rate
+children; the cluster faults on three nats-servers as one JetStream cluster (streams R3), with
+two bridges on an MQTT shared subscription or two runingest on the one durable where they need
+them. A device (paho, QoS 1, persistent session, reconnecting) publishes at a fixed rate
 while the fault happens; afterwards the checker compares the msg_ids the broker acknowledged
 (PUBACK) with the rows in telemetry_raw: lost = acknowledged but not stored, duplicates = stored
 more than once. One JSON line per fault; `--write-docs` puts the figures into docs/validation.md.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import threading
 import time
 import uuid
@@ -38,9 +41,9 @@ from psycopg import sql
 
 from devices.models import Device, DeviceType, ProcessingMode
 from devtools.bench import ensure_tenant
-from devtools.services import ServerHandle, start_mosquitto, start_nats
+from devtools.services import NatsCluster, ServerHandle, start_mosquitto, start_nats, start_nats_cluster
 from devtools.supervisor import BRIDGE_READY, INGEST_READY, Child, ChildError, Supervisor, log_says, manage
-from telemetry.jetstream import DEADLETTER_STREAM
+from telemetry.jetstream import DEADLETTER_STREAM, INGEST_CONSUMER, TELEMETRY_STREAM, nats_servers
 
 SCHEMA = "faults"
 DEVICE = "FAULTS-0001"
@@ -128,6 +131,8 @@ class Outcome:
     problems: list[str] = field(default_factory=list)
     sent: int = 0
     seconds: float = 0.0
+    # What a cluster fault measured besides the counts (e.g. seconds until publishing resumed).
+    details: dict[str, float] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -144,7 +149,7 @@ class Outcome:
             "sent": self.sent,
             "seconds": round(self.seconds, 1),
             "problems": self.problems,
-        }
+        } | ({"details": self.details} if self.details else {})
 
 
 def stored_counts(schema: str, logical_id: str, prefix: str) -> dict[str, int]:
@@ -185,7 +190,7 @@ def deadletter_count(nats_url: str) -> int:
     """Messages in the DEADLETTER stream (0 when it does not exist)."""
 
     async def count() -> int:
-        nc = await nats.connect(nats_url)
+        nc = await nats.connect(nats_servers(nats_url))
         try:
             info = await nc.jetstream().stream_info(DEADLETTER_STREAM)
             return int(info.state.messages)
@@ -255,6 +260,11 @@ class Fault:
     after: float  # seconds of load after it
     act: Callable[[FaultRun], None]
     env: dict[str, str] = field(default_factory=dict)
+    # The pipeline around it: nats-servers (more than one: a JetStream cluster, streams R3),
+    # runbridge copies (more than one: an MQTT shared subscription) and runingest copies (one durable).
+    nats_nodes: int = 1
+    bridges: int = 1
+    ingesters: int = 1
 
     @property
     def seconds(self) -> float:
@@ -291,6 +301,181 @@ def _broker_restart(run: FaultRun) -> None:
     assert run.broker is not None
     run.broker.restart(graceful=True)  # the shipped config: persistence on, saved at shutdown
     time.sleep(run.fault.during)
+
+
+# --------------------------------------------------------------------------- faults in a cluster
+
+RESUME_LIMIT = 15.0  # seconds from a NATS node's death to publishes being stored again: a Raft election in
+# nats-server 2.9 waits 4-9 s (its election timeout) after the leader falls silent
+CATCH_UP_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class StreamState:
+    """The TELEMETRY stream as its leader sees it."""
+
+    leader: str
+    last_seq: int
+    current: dict[str, bool]  # each follower's name -> whether it has caught up
+
+
+def stream_state(urls: list[str], timeout: float = 1.0) -> StreamState | None:
+    """TELEMETRY's leader and last sequence, asked through the nodes at `urls`; None while no
+    leader answers (being elected, or no majority)."""
+
+    async def ask() -> StreamState:
+        nc = await nats.connect(urls, connect_timeout=1, allow_reconnect=False, max_reconnect_attempts=0)
+        try:
+            info = await nc.jetstream(timeout=timeout).stream_info(TELEMETRY_STREAM)
+        finally:
+            await nc.close()
+        cluster = info.cluster
+        return StreamState(
+            leader=str(cluster.leader if cluster else ""),
+            last_seq=int(info.state.last_seq),
+            current={str(p.name): bool(p.current) for p in (cluster.replicas or [] if cluster else [])},
+        )
+
+    try:
+        return asyncio.run(asyncio.wait_for(ask(), timeout + 2))
+    except (nats.errors.Error, TimeoutError, OSError):
+        return None
+
+
+def consumer_counts(urls: list[str]) -> tuple[int, int]:
+    """The ingest consumer's (deliveries awaiting their ack, redeliveries so far). Every message
+    of the work-queue stream goes to this one consumer, so deliveries beyond the last stream
+    sequence delivered are redeliveries (`num_redelivered` counts only those not yet acknowledged)."""
+
+    async def ask() -> tuple[int, int]:
+        nc = await nats.connect(urls, connect_timeout=2)
+        try:
+            info = await nc.jetstream().consumer_info(TELEMETRY_STREAM, INGEST_CONSUMER)
+            delivered = info.delivered
+            redelivered = (delivered.consumer_seq or 0) - (delivered.stream_seq or 0) if delivered else 0
+            return int(info.num_ack_pending or 0), int(redelivered)
+        finally:
+            await nc.close()
+
+    return asyncio.run(ask())
+
+
+def _live_urls(cluster: NatsCluster) -> list[str]:
+    return [node.url for node in cluster.nodes if node.running()]
+
+
+def _node_of(cluster: NatsCluster, server_name: str) -> int:
+    """The index of the node called `server_name` (start_nats_cluster names them <name>-n1, …)."""
+    return int(server_name.rsplit("-n", 1)[1]) - 1
+
+
+def _wait_state(run: FaultRun, timeout: float = 30.0) -> StreamState:
+    assert run.cluster is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = stream_state(_live_urls(run.cluster))
+        if state is not None and state.leader:
+            return state
+        time.sleep(0.2)
+    raise FaultError(f"no leader of {TELEMETRY_STREAM} answered within {timeout:.0f} s")
+
+
+def _kill_leader_until_resumed(run: FaultRun, down: float, label: str) -> None:
+    """SIGKILL the stream leader's node; measure how long until a new leader stores new publishes
+    (seconds in details[label]); start the node again (same store) after `down` seconds."""
+    cluster = run.cluster
+    assert cluster is not None
+    index = _node_of(cluster, _wait_state(run).leader)
+    cluster.kill(index)
+    killed = time.monotonic()
+    elected: StreamState | None = None
+    resumed = None
+    while time.monotonic() - killed < max(down, RESUME_LIMIT) and resumed is None:
+        state = stream_state(_live_urls(cluster))
+        if state is not None and state.leader:
+            if elected is None:
+                elected = state  # a new leader answers; what it has is everything up to now
+            elif state.last_seq > elected.last_seq:
+                resumed = time.monotonic() - killed  # and it stores publishes made after that
+        time.sleep(0.1)
+    if resumed is None:
+        run.problems.append(f"{label}: no new publish stored within {RESUME_LIMIT:.0f} s of killing the leader")
+    else:
+        run.details[label] = round(resumed, 1)
+    time.sleep(max(0.0, down - (time.monotonic() - killed)))
+    cluster.start(index)
+
+
+def _nats_node_kill(run: FaultRun) -> None:
+    _kill_leader_until_resumed(run, run.fault.during, "publishing_resumed_s")
+
+
+def _nats_node_empty_restart(run: FaultRun) -> None:
+    """A follower's node killed, its store deleted, started again: it must catch up; then the
+    leader is killed, so the stream goes on only if the restarted node really holds it."""
+    cluster = run.cluster
+    assert cluster is not None
+    state = _wait_state(run)
+    follower = next(name for name in state.current if name != state.leader)
+    index = _node_of(cluster, follower)
+    cluster.kill(index)
+    time.sleep(run.fault.during)
+    restarted = time.monotonic()
+    cluster.start(index, empty=True)  # returns once its /healthz says it is current
+    while time.monotonic() - restarted < CATCH_UP_TIMEOUT:
+        now = stream_state(_live_urls(cluster))
+        if now is not None and now.current.get(follower):
+            run.details["caught_up_s"] = round(time.monotonic() - restarted, 1)
+            break
+        time.sleep(0.2)
+    else:
+        run.problems.append(f"{follower} restarted empty had not caught up after {CATCH_UP_TIMEOUT:.0f} s")
+        return
+    _kill_leader_until_resumed(run, 5.0, "resumed_after_leader_kill_s")
+
+
+def _outage_of(run: FaultRun, name: str, stop: Callable[[Child], None], resume: Callable[[Child], None]) -> None:
+    """Take one of two copies out for `during` seconds; the other must carry on meanwhile."""
+    child = run.child(name)
+    before, sent_before = run.stored(), run.sent()
+    stop(child)
+    time.sleep(run.fault.during)
+    run.details["sent_while_one_was_out"] = run.sent() - sent_before
+    run.details["stored_while_one_was_out"] = run.stored() - before
+    if run.details["stored_while_one_was_out"] == 0:
+        run.problems.append(f"nothing stored while {name} was out: the other copy did not carry on")
+    resume(child)
+
+
+def _start_again(child: Child) -> None:
+    child.log_path = child.log_path.with_name(f"{child.log_path.stem}-{uuid.uuid4().hex[:4]}.log")
+    child.start()
+    child.wait_ready(READY_TIMEOUT)
+
+
+def _bridge_kill_one_of_two(run: FaultRun) -> None:
+    # Started again under the same client id: Mosquitto gives a shared subscription's messages to
+    # a member's persistent session even while it is away, and only that member gets them.
+    _outage_of(run, "runbridge#2", lambda child: child.kill(), _start_again)
+
+
+def _consumer_stop_one_of_two(run: FaultRun) -> None:
+    urls = nats_servers(run.nats_url)
+    child = run.child("runingest#2")
+    before = consumer_counts(urls)[1]
+    # Stopped while it holds deliveries: SIGSTOP, and if after half a second nothing awaits its
+    # ack (the other consumer acknowledges its own batches in milliseconds), SIGCONT and try
+    # again, for up to 10 s. `redelivered` then says how many JetStream gave to the other.
+    deadline = time.monotonic() + 10
+    while True:
+        os.kill(child.pid, signal.SIGSTOP)
+        time.sleep(0.5)
+        if consumer_counts(urls)[0] > 0 or time.monotonic() > deadline:
+            break
+        os.kill(child.pid, signal.SIGCONT)
+        time.sleep(0.05)
+    _outage_of(run, "runingest#2", lambda child: None, lambda child: os.kill(child.pid, signal.SIGCONT))
+    run.details["redelivered"] = consumer_counts(urls)[1] - before
 
 
 FAULTS: dict[str, Fault] = {
@@ -347,6 +532,55 @@ FAULTS: dict[str, Fault] = {
             10,
             _broker_restart,
         ),
+        Fault(
+            "nats-node-kill",
+            "A three-node JetStream cluster (streams R3): the node leading the telemetry stream SIGKILLed "
+            "during 1,000 msg/s, started again on its store 10 s later. A new leader must store new "
+            f"publishes within {RESUME_LIMIT:.0f} s (details: publishing_resumed_s).",
+            1000,
+            5,
+            10,
+            5,
+            _nats_node_kill,
+            nats_nodes=3,
+        ),
+        Fault(
+            "bridge-kill-one-of-two",
+            "Two runbridge on one MQTT shared subscription, three NATS nodes: one bridge SIGKILLed during "
+            "500 msg/s, started again (same client id) 10 s later. The other must store messages meanwhile.",
+            500,
+            5,
+            10,
+            5,
+            _bridge_kill_one_of_two,
+            nats_nodes=3,
+            bridges=2,
+        ),
+        Fault(
+            "consumer-stop-one-of-two",
+            "Two runingest on the one durable consumer, three NATS nodes: one SIGSTOPped for 15 s during "
+            "500 msg/s (past its 10 s ack wait, so JetStream redelivers what it held to the other), then SIGCONT.",
+            500,
+            5,
+            15,
+            5,
+            _consumer_stop_one_of_two,
+            {"ARGUS_INGEST_ACK_WAIT_SECONDS": "10"},
+            nats_nodes=3,
+            ingesters=2,
+        ),
+        Fault(
+            "nats-node-empty-restart",
+            "Three NATS nodes: a follower of the telemetry stream SIGKILLed during 500 msg/s, its store "
+            "deleted, started again 5 s later; once it has caught up, the leader is SIGKILLed for 5 s, so "
+            "the stream goes on only if the restarted node holds it.",
+            500,
+            5,
+            5,
+            15,
+            _nats_node_empty_restart,
+            nats_nodes=3,
+        ),
     ]
 }
 
@@ -372,9 +606,27 @@ class FaultRun:
         self.log = log
         self.run_id = f"{fault.name}-{time.strftime('%m%d%H%M%S')}-{uuid.uuid4().hex[:4]}"
         self.problems: list[str] = []
+        self.details: dict[str, float] = {}
         self.broker: ServerHandle | None = None
         self.nats: ServerHandle | None = None
+        self.cluster: NatsCluster | None = None
+        self.nats_url = ""
         self.pipeline: Supervisor | None = None
+        self.device: SimulatedDevice | None = None
+        self.prefix = f"{self.run_id}-"
+
+    @staticmethod
+    def names(command: str, copies: int) -> list[str]:
+        """Child names: `runbridge`, then `runbridge#2`, `runbridge#3`, …"""
+        return [command] + [f"{command}#{i}" for i in range(2, copies + 1)]
+
+    def sent(self) -> int:
+        """This run's messages the device has sent so far."""
+        return len(self.device.sent) if self.device is not None else 0
+
+    def stored(self) -> int:
+        """This run's messages stored so far."""
+        return len(stored_counts(self.schema, self.logical_id, self.prefix))
 
     def child(self, name: str) -> Child:
         assert self.pipeline is not None
@@ -384,13 +636,20 @@ class FaultRun:
         started = time.monotonic()
         fault = self.fault
         self.broker = start_mosquitto(workdir=self.log_dir / "mosquitto")
-        self.nats = start_nats(workdir=self.log_dir / "nats")
+        if fault.nats_nodes > 1:
+            self.cluster = start_nats_cluster(fault.nats_nodes, self.log_dir / "nats-cluster")
+            self.nats_url = self.cluster.url
+        else:
+            self.nats = start_nats(workdir=self.log_dir / "nats")
+            self.nats_url = self.nats.url
         env = dict(self.base_env)
         env.update(
             MQTT_URL=self.broker.url,
-            NATS_URL=self.nats.url,
+            NATS_URL=self.nats_url,
+            ARGUS_STREAM_REPLICAS=str(min(fault.nats_nodes, 3)),
             ARGUS_BRIDGE_CLIENT_ID=f"argus-faults-{self.run_id}",
-            ARGUS_BRIDGE_SHARE_GROUP="",
+            # Two or more bridges split the device topic between them (one MQTT shared subscription).
+            ARGUS_BRIDGE_SHARE_GROUP=f"argus-faults-{self.run_id}" if fault.bridges > 1 else "",
             ARGUS_BRIDGE_METRICS_PORT="0",
             ARGUS_INGEST_METRICS_PORT="0",
             ARGUS_CELERY_METRICS_PORT="0",
@@ -398,14 +657,19 @@ class FaultRun:
             **fault.env,
         )
         self.pipeline = Supervisor(self.log_dir, env)
-        self.pipeline.add("runingest", manage("runingest"), log_says(INGEST_READY))
-        self.pipeline.add("runbridge", manage("runbridge"), log_says(BRIDGE_READY))
+        for name in self.names("runingest", fault.ingesters):
+            self.pipeline.add(name, manage("runingest"), log_says(INGEST_READY))
+        for index, name in enumerate(self.names("runbridge", fault.bridges)):
+            bridge = self.pipeline.add(name, manage("runbridge"), log_says(BRIDGE_READY))
+            if index:
+                # Its own persistent session: the broker keeps each member's share apart.
+                bridge.env = env | {"ARGUS_BRIDGE_CLIENT_ID": f"argus-faults-{self.run_id}-{index + 1}"}
         self.pipeline.start()
         self.pipeline.wait_ready(READY_TIMEOUT)
         self.log(f"{fault.name}: pipeline ready; {fault.rate:g} msg/s for {fault.seconds:g} s, logs in {self.log_dir}")
 
-        device = SimulatedDevice(self.broker.url, f"faults-device-{self.run_id}", self.logical_id)
-        prefix = f"{self.run_id}-"
+        device = self.device = SimulatedDevice(self.broker.url, f"faults-device-{self.run_id}", self.logical_id)
+        prefix = self.prefix
         device.wait_connected(10)
         stop = threading.Event()
         load = threading.Thread(
@@ -431,13 +695,14 @@ class FaultRun:
         bad = rejected(self.schema, self.logical_id, prefix)
         if bad:
             self.problems.append(f"{bad} stored as rejected")
-        deadletters = deadletter_count(self.nats.url)
+        deadletters = deadletter_count(self.nats_url)
         if deadletters:
             self.problems.append(f"{deadletters} dead letters")
-        for name in ("runbridge", "runingest"):
-            if not self.child(name).running():
-                self.problems.append(f"{name} not running at the end")
+        for child in self.pipeline.children:
+            if not child.running():
+                self.problems.append(f"{child.name} not running at the end")
         outcome.problems = self.problems
+        outcome.details = self.details
         outcome.seconds = time.monotonic() - started
         return outcome
 
@@ -454,11 +719,18 @@ class FaultRun:
 
     def close(self) -> None:
         if self.pipeline is not None:
-            codes = self.pipeline.stop([["runbridge"]], STOP_TIMEOUT)
+            bridges = [c.name for c in self.pipeline.children if c.name.startswith("runbridge")]
+            for child in self.pipeline.children:
+                if child.running():
+                    # One left stopped (SIGSTOP) by a failed run would never see the SIGTERM.
+                    os.kill(child.pid, signal.SIGCONT)
+            codes = self.pipeline.stop([bridges], STOP_TIMEOUT)
             self.log(f"{self.fault.name}: exit codes {codes}")
         for server in (self.broker, self.nats):
             if server is not None:
                 server.stop()
+        if self.cluster is not None:
+            self.cluster.stop()
 
 
 # --------------------------------------------------------------------------- the suite

@@ -159,7 +159,7 @@ class IngestConsumer:
         """Connect to NATS, declare the streams and bind to the durable consumer."""
         self._loop = asyncio.get_running_loop()
         self._nc = await nats.connect(
-            self.nats_url,
+            js_defs.nats_servers(self.nats_url),
             max_reconnect_attempts=-1,
             reconnect_time_wait=1,
             error_cb=_log_nats_error,

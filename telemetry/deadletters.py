@@ -21,7 +21,6 @@ from datetime import datetime
 from typing import TypeVar
 
 import nats
-from django.conf import settings
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -135,7 +134,7 @@ def _destination(letter: DeadLetter) -> tuple[str | None, str]:
 
 
 async def _with_js(nats_url: str | None, work: Callable[[JetStreamContext], Awaitable[T]]) -> T:
-    nc: NATS = await nats.connect(nats_url or settings.NATS_URL, connect_timeout=5, max_reconnect_attempts=2)
+    nc: NATS = await nats.connect(js_defs.nats_servers(nats_url), connect_timeout=5, max_reconnect_attempts=2)
     try:
         js = nc.jetstream()
         await js_defs.ensure_streams(js)

@@ -37,7 +37,7 @@ async def _quiet(exc: Exception) -> None:
 
 async def _consumer_info(url: str, timeout: float) -> ConsumerInfo:
     nc = await nats.connect(
-        url,
+        js_defs.nats_servers(url),
         connect_timeout=max(1, round(timeout)),
         allow_reconnect=False,
         max_reconnect_attempts=0,

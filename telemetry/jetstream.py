@@ -10,6 +10,19 @@ before fsync (`sync_interval` defaults to 2 minutes). That survives a crash of n
 any Argus process; it does not survive losing the machine's power within the sync interval. Our
 shipped `docker/nats/nats.conf` sets `sync_interval: 1s` to bound that window; set it to
 `always` where a power loss must not lose one acknowledged message (at a throughput cost).
+
+The streams, one per purpose (docs/scaling.md has the table):
+
+- `TELEMETRY` (`telemetry.>`): every device message and chunk on its way to runingest; work queue
+  (a message is gone once acknowledged), no age limit, `ARGUS_STREAM_MAX_BYTES`, discard new,
+  duplicate window `ARGUS_STREAM_DUPLICATE_WINDOW_SECONDS`. Chunks of a chunked gateway travel
+  here too, in their device's order: reassembly happens in PostgreSQL, not in a stream.
+- `DEADLETTER` (`deadletter.>`): what cannot be routed or stored; limits retention,
+  `ARGUS_DEADLETTER_MAX_AGE_DAYS`, `ARGUS_DEADLETTER_MAX_BYTES`, discard old (the oldest dead
+  letter goes first), the same duplicate window.
+
+Both keep `ARGUS_STREAM_REPLICAS` copies (1 on one node, 3 in a cluster); the consumer inherits
+the stream's. In a cluster a publish is acknowledged once a majority of the replicas hold it.
 """
 
 from __future__ import annotations
@@ -41,7 +54,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, ServiceUnavailableError
 
 T = TypeVar("T")
 
@@ -140,6 +153,15 @@ class StreamSettings:
     max_deliver: int
     ack_wait_s: float
     max_ack_pending: int
+    replicas: int = 1
+
+
+def nats_servers(url: str | None = None) -> list[str]:
+    """The servers of a NATS_URL: one URL, or several comma-separated (a cluster's)."""
+    servers = [part.strip() for part in (url or settings.NATS_URL).split(",") if part.strip()]
+    if not servers:
+        raise ValueError("NATS_URL names no server")
+    return servers
 
 
 def stream_settings() -> StreamSettings:
@@ -148,10 +170,11 @@ def stream_settings() -> StreamSettings:
         telemetry_max_bytes=settings.ARGUS_STREAM_MAX_BYTES,
         deadletter_max_bytes=settings.ARGUS_DEADLETTER_MAX_BYTES,
         deadletter_max_age_s=settings.ARGUS_DEADLETTER_MAX_AGE_DAYS * 24 * 3600.0,
-        duplicate_window_s=120.0,
+        duplicate_window_s=settings.ARGUS_STREAM_DUPLICATE_WINDOW_SECONDS,
         max_deliver=settings.ARGUS_INGEST_MAX_DELIVER,
         ack_wait_s=settings.ARGUS_INGEST_ACK_WAIT_SECONDS,
         max_ack_pending=settings.ARGUS_INGEST_MAX_ACK_PENDING,
+        replicas=settings.ARGUS_STREAM_REPLICAS,
     )
 
 
@@ -217,9 +240,32 @@ def now_ms() -> float:
     return time.time_ns() / 1_000_000
 
 
-async def ensure_streams(js: JetStreamContext, limits: StreamSettings | None = None) -> None:
-    """Create or update the streams and the ingest consumer (idempotent)."""
-    limits = limits or stream_settings()
+# How long start-up keeps declaring the streams while JetStream does not answer in time. In a
+# cluster the requests go to the meta leader: during an election, or under load, one times out
+# (a restarted runbridge exited on such a timeout in the `bridge-kill-one-of-two` fault).
+ENSURE_STREAMS_PATIENCE_S = 60.0
+# (Not "no responders": that is a server without JetStream, which waiting does not mend.)
+_JETSTREAM_BUSY = (nats.errors.TimeoutError, ServiceUnavailableError)
+
+
+async def ensure_streams(
+    js: JetStreamContext, limits: StreamSettings | None = None, *, patience: float = ENSURE_STREAMS_PATIENCE_S
+) -> None:
+    """Create or update the streams and the ingest consumer (idempotent), trying again for up to
+    `patience` seconds while JetStream times out or is unavailable (no leader yet)."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            await _ensure_streams(js, limits or stream_settings())
+            return
+        except _JETSTREAM_BUSY as exc:
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("declaring the streams: JetStream did not answer (%r); trying again", exc)
+            await asyncio.sleep(1.0)
+
+
+async def _ensure_streams(js: JetStreamContext, limits: StreamSettings) -> None:
     await _ensure_stream(
         js,
         StreamConfig(
@@ -230,6 +276,7 @@ async def ensure_streams(js: JetStreamContext, limits: StreamSettings | None = N
             discard=DiscardPolicy.NEW,
             max_bytes=limits.telemetry_max_bytes,
             duplicate_window=limits.duplicate_window_s,
+            num_replicas=limits.replicas,
         ),
     )
     await _ensure_stream(
@@ -242,6 +289,8 @@ async def ensure_streams(js: JetStreamContext, limits: StreamSettings | None = N
             discard=DiscardPolicy.OLD,
             max_bytes=limits.deadletter_max_bytes,
             max_age=limits.deadletter_max_age_s,
+            duplicate_window=limits.duplicate_window_s,
+            num_replicas=limits.replicas,
         ),
     )
     consumer = ConsumerConfig(
@@ -314,7 +363,7 @@ class SyncPublisher:
 
         async def connect() -> JetStreamContext:
             await nc.connect(
-                self.url,
+                nats_servers(self.url),
                 connect_timeout=max(1, math.ceil(timeout)),
                 reconnect_time_wait=self.reconnect_wait_s,  # type: ignore[arg-type]  # nats-py annotates int, takes float
                 max_reconnect_attempts=self.reconnect_attempts,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from argus import live
 from telemetry.messages import LatestValues, Presence
 
@@ -9,7 +11,16 @@ from telemetry.messages import LatestValues, Presence
 def live_stored(schema: str, *, messages: int, readings: int, latest: LatestValues) -> None:
     """Counts and the newest values per device of what a batch or a reassembly stored."""
     live.note_counts(schema, messages=messages, readings=readings)
-    live.note(schema, "devices", {str(d): {"time": t.isoformat(), "values": v} for d, (t, v) in latest.items()})
+    # A reassembly's 2000 children mostly share one or a few times: each formatted once (formatting
+    # every child's time was a tenth of a reassembly in the chunk benchmark's profile).
+    formatted: dict[datetime, str] = {}
+    items = {}
+    for device_id, (time, values) in latest.items():
+        text = formatted.get(time)
+        if text is None:
+            text = formatted[time] = time.isoformat()
+        items[str(device_id)] = {"time": text, "values": values}
+    live.note(schema, "devices", items)
 
 
 def live_presence(schema: str, presence: dict[int, Presence]) -> None:

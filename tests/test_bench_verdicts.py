@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import pytest
 
-from devtools import alert_bench, baseline, chunk_bench, history_bench
+from devtools import alert_bench, baseline, chunk_bench, history_bench, http_bench
 from devtools.bench import (
     BenchError,
     BenchSettings,
@@ -201,6 +202,57 @@ def chunk_report(**overrides: Any) -> dict[str, Any]:
 def test_it_fails_a_chunk_run_that_lost_anything(overrides: dict[str, Any], expected: str) -> None:
     assert chunk_bench.failures(chunk_report()) == []
     assert any(problem.startswith(expected) for problem in chunk_bench.failures(chunk_report(**overrides)))
+
+
+def http_report(**overrides: Any) -> dict[str, Any]:
+    report: dict[str, Any] = {"phases": ["single", "batch"], "exit_codes": {"web": 0, "runingest#0": 0}}
+    for phase, readings in (("single", 2000), ("batch", 200_000)):
+        report.update(
+            {
+                f"{phase}_acked": 1000,
+                f"{phase}_statuses": {"202": 1000},
+                f"{phase}_connection_errors": 0,
+                f"{phase}_lost": 0,
+                f"{phase}_not_accepted": 0,
+                f"{phase}_stored_readings": readings,
+                f"{phase}_acked_readings": readings,
+                f"{phase}_drain_complete": True,
+            }
+        )
+    report.update(overrides)
+    return report
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"single_lost": 3}, "single: lost=3 of 1000 acknowledged"),
+        ({"batch_not_accepted": 1}, "batch: not_accepted=1 of 1000 acknowledged"),
+        ({"batch_stored_readings": 199_900}, "batch: readings stored 199900 of 200000 acknowledged"),
+        ({"single_statuses": {"202": 990, "500": 10}}, "single: answers other than 202: {'500': 10}"),
+        ({"single_statuses": {"202": 990, "429": 10}}, "single: answers other than 202: {'429': 10}"),
+        ({"batch_connection_errors": 2}, "batch: connection_errors=2"),
+        ({"single_drain_complete": False}, "single: drain_complete=False"),
+        ({"single_acked": 0, "single_statuses": {"503": 5}}, "single: nothing acknowledged"),
+        ({"exit_codes": {"web": 1}}, "web exited with 1"),
+    ],
+)
+def test_it_fails_an_http_run_that_lost_or_refused_anything(overrides: dict[str, Any], expected: str) -> None:
+    assert http_bench.failures(http_report()) == []
+    assert expected in http_bench.failures(http_report(**overrides))
+
+
+def test_it_sends_http_bodies_stored_once_each() -> None:
+    # Every body is a distinct row (unique msg_id, or device times that never repeat), and a
+    # batch is a list of BENCH_HTTP_BATCH readings with times increasing per device.
+    bodies = http_bench.Bodies("run", batch=5)
+    singles = [bodies.single("D1") for _ in range(50)]
+    batches = [bodies.batched("D1") for _ in range(20)] + [bodies.batched("D2") for _ in range(5)]
+    assert len(set(singles)) == 50 and len(set(batches)) == 25
+    assert len({orjson.loads(b)["msg_id"] for b in singles}) == 50
+    times = [item["ts"] for b in batches[:20] for item in orjson.loads(b)]
+    assert len(times) == 100 and times == sorted(set(times))
+    assert all(len(orjson.loads(b)) == 5 for b in batches)
 
 
 def test_it_fails_an_alert_run_with_a_breach_left_without_its_alert() -> None:

@@ -11,6 +11,7 @@ on ARGUS_WORKER_METRICS_ADDR.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
@@ -50,10 +51,13 @@ def compose_command() -> list[str]:
     return [str(binary)]
 
 
-def compose_config(path: Path) -> subprocess.CompletedProcess[str]:
+def compose_config(
+    path: Path, profile: str = "monitoring", env_file: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"), "SECRET_KEY": "for-the-test"}
+    options = ["--env-file", str(env_file)] if env_file else []
     return subprocess.run(
-        [*compose_command(), "-f", str(path), "--profile", "monitoring", "config", "--format", "json"],
+        [*compose_command(), "-f", str(path), *options, "--profile", profile, "config", "--format", "json"],
         capture_output=True,
         text=True,
         env=env,
@@ -145,7 +149,124 @@ def test_every_process_that_serves_probes_is_health_checked_on_its_readyz() -> N
             test = " ".join(service["healthcheck"]["test"])
             assert f"http://127.0.0.1:{port}/readyz" in test, f"{name}: health check {test!r}"
             checked += 1
-    assert checked == 5
+    assert checked == 7  # web, live, bridge, ingest, worker; bridge-2 and ingest-2 of the cluster profile
     # Processes without an HTTP server must not inherit the image's check of the web's port.
     for name in ("pki", "migrate", "beat"):
         assert services[name]["healthcheck"] == {"disable": True}
+
+
+def _bind_sources(services: dict[str, Any]) -> list[tuple[str, Path]]:
+    """(service, host path) of every bind mount, as compose resolves them (absolute)."""
+    return [
+        (name, Path(volume["source"]))
+        for name, service in services.items()
+        for volume in service.get("volumes", [])
+        if volume["type"] == "bind"
+    ]
+
+
+def test_every_file_a_service_mounts_is_in_the_checkout() -> None:
+    result = compose_config(COMPOSE)
+    assert result.returncode == 0, result.stderr
+    mounts = _bind_sources(json.loads(result.stdout)["services"])
+    assert len(mounts) >= 8  # the broker's config and ACL, PostgreSQL's, Prometheus', Grafana's
+    for service, source in mounts:
+        assert source.exists(), f"{service} mounts {source}, which a clean checkout does not have"
+        assert ROOT in source.parents, f"{service} mounts {source} from outside the checkout"
+
+
+def _dockerignored(relative: str) -> bool:
+    patterns = [
+        line.strip()
+        for line in (ROOT / "docker" / "Dockerfile.dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    parts = Path(relative).parts
+    return any(
+        fnmatch.fnmatch(relative, p) or fnmatch.fnmatch(parts[0], p) or fnmatch.fnmatch(relative, p.removeprefix("**/"))
+        for p in patterns
+    )
+
+
+def test_every_project_file_a_service_command_runs_is_in_the_image() -> None:
+    # Commands run in the image's /app (the checkout minus Dockerfile.dockerignore).
+    referenced = set()
+    for service in _services().values():
+        command = service.get("command", [])
+        argv = command.split() if isinstance(command, str) else list(command)
+        referenced |= {a.split("=", 1)[-1] for a in argv if re.fullmatch(r"(--[a-z-]+=)?[\w./-]+\.(py|sh)", a)}
+    assert {"manage.py", "docker/pki-init.sh", "gunicorn.conf.py"} <= referenced
+    for relative in referenced:
+        assert (ROOT / relative).is_file(), f"a service runs {relative}, which is not in the checkout"
+        assert not _dockerignored(relative), f"a service runs {relative}, which Dockerfile.dockerignore leaves out"
+
+
+def test_the_demo_profile_seeds_after_migrating() -> None:
+    result = compose_config(COMPOSE, profile="demo")
+    assert result.returncode == 0, result.stderr
+    seed = json.loads(result.stdout)["services"]["seed"]
+    assert seed["command"] == ["python", "manage.py", "seed_iot"]
+    assert seed["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+
+
+def test_every_long_running_service_has_a_health_check() -> None:
+    result = compose_config(COMPOSE)
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    # One-shot jobs, and beat, which serves nothing to ask: their check is switched off on purpose.
+    unchecked = {"pki", "migrate", "beat"}
+    for name, service in services.items():
+        if name in unchecked:
+            assert service["healthcheck"] == {"disable": True}, name
+            continue
+        assert service.get("healthcheck", {}).get("test"), f"{name} has no health check"
+        assert service["restart"] == "unless-stopped", name
+
+
+CLUSTER_ENV = ROOT / "docker" / "cluster.env"
+SCALING = ROOT / "docs" / "scaling.md"
+
+
+def test_the_cluster_profile_runs_three_nats_nodes_two_bridges_and_two_consumers() -> None:
+    result = compose_config(COMPOSE, profile="cluster", env_file=CLUSTER_ENV)
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    nodes = ["nats", "nats-2", "nats-3"]
+    pipeline = ["bridge", "bridge-2", "ingest", "ingest-2", "web", "live", "worker", "beat"]
+    assert set(nodes + pipeline) <= set(services)
+    for node in nodes:
+        assert services[node]["command"] == ["nats-server", "-c", "/etc/nats/nats-cluster.conf"]
+    assert len({services[node]["environment"]["NATS_SERVER_NAME"] for node in nodes}) == 3
+    conf = (ROOT / "docker" / "nats" / "nats-cluster.conf").read_text()
+    assert all(f"nats-route://{node}:6222" in conf for node in nodes)
+    assert "sync_interval: always" in conf
+    for name in pipeline:
+        env = services[name]["environment"]
+        assert env["NATS_URL"].split(",") == [f"nats://{node}:4222" for node in nodes], name
+        assert env["ARGUS_STREAM_REPLICAS"] == "3", name
+    bridges = [services[name]["environment"] for name in ("bridge", "bridge-2")]
+    assert {b["ARGUS_BRIDGE_SHARE_GROUP"] for b in bridges} == {"argus"}
+    assert len({b["ARGUS_BRIDGE_CLIENT_ID"] for b in bridges}) == 2
+    # The broker takes a bridge's client id from its certificate's CN: one certificate each,
+    # made by the pki job, each a user of the broker's ACL.
+    acl = (ROOT / "docker" / "mosquitto" / "acl").read_text()
+    for bridge in bridges:
+        name = Path(bridge["ARGUS_BRIDGE_CERT"]).stem
+        assert name == bridge["ARGUS_BRIDGE_CLIENT_ID"]
+        assert name in services["pki"]["environment"]["BRIDGE_NAMES"].split()
+        assert f"user {name}\ntopic read devices/+/telemetry\n" in acl
+    # docs/scaling.md lists the profile's services, and only those that exist.
+    section = SCALING.read_text().split("## The cluster profile", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^\| `([a-z0-9-]+)` \|", section, re.MULTILINE))
+    assert listed == set(nodes + pipeline) | {"mosquitto", "db", "valkey"}, listed
+
+
+def test_without_the_cluster_profile_there_is_one_node_and_no_shared_subscription() -> None:
+    result = compose_config(COMPOSE)
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    assert not {"nats-2", "nats-3", "bridge-2", "ingest-2"} & set(services)
+    assert services["nats"]["command"] == ["nats-server", "-c", "/etc/nats/nats.conf"]
+    assert services["bridge"]["environment"]["NATS_URL"] == "nats://nats:4222"
+    assert services["bridge"]["environment"]["ARGUS_BRIDGE_SHARE_GROUP"] == ""
+    assert services["ingest"]["environment"]["ARGUS_STREAM_REPLICAS"] == "1"

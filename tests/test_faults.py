@@ -49,3 +49,77 @@ def test_it_runs_a_shortened_ingest_killed_fault(live_db: None, alpha: TenantPer
         "seconds": 0,
         "problems": [],
     }
+
+
+@pytest.mark.integration
+def test_it_runs_a_shortened_nats_node_kill_on_a_three_node_cluster(
+    live_db: None, alpha: TenantPersona, tmp_path: Path
+) -> None:
+    # Messages published over MQTT and stored in PostgreSQL through a three-node JetStream
+    # cluster (streams R3), the stream leader's node SIGKILLed in between and started again.
+    with schema_context(alpha.schema):
+        device = make_device(make_device_type())
+    # The load goes on for 12 s after the kill: a Raft election can take up to ~10 s, and what
+    # shows publishing resumed is a publish stored after it.
+    fault = dataclasses.replace(FAULTS["nats-node-kill"], rate=100, before=2, during=4, after=8)
+    run = FaultRun(
+        fault,
+        schema=alpha.schema,
+        logical_id=device.logical_identifier,
+        log_dir=tmp_path,
+        env=pipeline_env(mqtt_url="", nats_url="", client_id=""),
+        log=lambda text: None,
+    )
+    try:
+        outcome = run.run()
+        assert run.cluster is not None
+        assert len(run.cluster.url.split(",")) == 3
+    finally:
+        run.close()
+    result = outcome.as_dict()
+    assert not outcome.problems, outcome.problems
+    assert 0 < result["details"]["publishing_resumed_s"] <= 15
+    assert result | {"seconds": 0, "details": {}} == {
+        "fault": "nats-node-kill",
+        "acked": 1400,
+        "stored": 1400,
+        "lost": 0,
+        "duplicates": 0,
+        "passed": True,
+        "sent": 1400,
+        "seconds": 0,
+        "problems": [],
+        "details": {},
+    }
+
+
+@pytest.mark.integration
+def test_it_runs_a_shortened_bridge_kill_one_of_two_on_a_shared_subscription(
+    live_db: None, alpha: TenantPersona, tmp_path: Path
+) -> None:
+    # Two bridges on one MQTT shared subscription (own client ids, persistent sessions), one
+    # SIGKILLed and started again: the other stores meanwhile, the dead one's share comes after.
+    with schema_context(alpha.schema):
+        device = make_device(make_device_type())
+    fault = dataclasses.replace(FAULTS["bridge-kill-one-of-two"], rate=100, before=2, during=4, after=2)
+    run = FaultRun(
+        fault,
+        schema=alpha.schema,
+        logical_id=device.logical_identifier,
+        log_dir=tmp_path,
+        env=pipeline_env(mqtt_url="", nats_url="", client_id=""),
+        log=lambda text: None,
+    )
+    try:
+        outcome = run.run()
+        assert run.pipeline is not None
+        bridges = [c for c in run.pipeline.children if c.name.startswith("runbridge")]
+        assert len(bridges) == 2
+        assert all(b.env is not None and b.env["ARGUS_BRIDGE_SHARE_GROUP"] for b in bridges)
+        assert len({b.env["ARGUS_BRIDGE_CLIENT_ID"] for b in bridges if b.env is not None}) == 2
+    finally:
+        run.close()
+    assert not outcome.problems, outcome.problems
+    details = outcome.details
+    assert 0 < details["stored_while_one_was_out"] <= details["sent_while_one_was_out"]
+    assert (outcome.sent, outcome.acked, outcome.stored, outcome.lost, outcome.duplicates) == (800, 800, 800, 0, 0)

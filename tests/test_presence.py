@@ -258,7 +258,8 @@ def test_it_refuses_to_start_with_unlimited_feedback(settings: Any) -> None:
 def test_it_ships_the_acl_the_pki_command_writes(tmp_path: Path) -> None:
     pki.init_ca(tmp_path)
     pki.issue_server(tmp_path, ["127.0.0.1"])
-    pki.mosquitto_config(tmp_path)
+    # The compose file's bridges (docs/scaling.md: profile `cluster` runs a second one).
+    pki.mosquitto_config(tmp_path, bridge_username=["argus-bridge", "argus-bridge-2"])
 
     def rules(text: str) -> list[str]:
         return [line for line in text.splitlines() if line.strip() and not line.startswith("#")]

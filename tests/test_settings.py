@@ -35,6 +35,8 @@ def load_settings(**env: str) -> subprocess.CompletedProcess[str]:
         ("ARGUS_HTTP_RATE_LIMIT", "600", "ARGUS_HTTP_RATE_LIMIT='600': expected <count>/<period>, e.g. 600/min"),
         ("ARGUS_HTTP_RATE_LIMIT", "10/fortnight", "expected <count>/<period>"),
         ("ARGUS_LOG_FORMAT", "xml", "ARGUS_LOG_FORMAT must be one of console, json"),
+        ("ARGUS_STREAM_REPLICAS", "7", "ARGUS_STREAM_REPLICAS=7: expected 1 to 5 (1 or 3)"),
+        ("ARGUS_STREAM_REPLICAS", "three", "ARGUS_STREAM_REPLICAS='three': expected a whole number"),
     ],
 )
 def test_it_names_the_variable_and_the_expected_form(name: str, value: str, expected: str) -> None:

@@ -17,13 +17,14 @@ from devtools.services.base import (
 )
 from devtools.services.helper import SERVICES, ServiceSpec, down, load_dotenv, main, run, service_specs, status, up
 from devtools.services.mosquitto import mosquitto_config, start_mosquitto
-from devtools.services.nats import start_nats
+from devtools.services.nats import NatsCluster, start_nats, start_nats_cluster
 from devtools.services.postgres import ensure_database, postgres_settings, start_postgres
 from devtools.services.redis import start_redis
 
 __all__ = [
     "SERVICES",
     "DevServiceError",
+    "NatsCluster",
     "ServerHandle",
     "Service",
     "ServiceSpec",
@@ -40,6 +41,7 @@ __all__ = [
     "service_specs",
     "start_mosquitto",
     "start_nats",
+    "start_nats_cluster",
     "start_postgres",
     "start_redis",
     "status",

@@ -107,7 +107,8 @@ def service_specs(env: Mapping[str, str] | None = None) -> list[ServiceSpec]:
     env = service_environ() if env is None else env
     specs = []
     for service in SERVICES:
-        url = env.get(service.env_var) or service.default_url
+        # NATS_URL may list a cluster's servers: the helper checks (or starts) the first.
+        url = (env.get(service.env_var) or service.default_url).split(",")[0].strip()
         parts = urlsplit(url)
         specs.append(ServiceSpec(service, url, parts.hostname or "127.0.0.1", _url_port(parts, service)))
     return specs

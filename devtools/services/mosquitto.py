@@ -26,10 +26,11 @@ MOSQUITTO_CONF = PROJECT_ROOT / "docker" / "mosquitto" / "mosquitto.conf"
 INSTALL_HINT = "apt-get install mosquitto or brew install mosquitto"
 
 
-def mosquitto_config(port: int, host: str, workdir: Path, conf_extra: str = "", source: Path | None = None) -> str:
-    """Build a broker config from the shipped mosquitto.conf: its globals and plain listener only."""
-    text = (source or MOSQUITTO_CONF).read_text(encoding="utf-8")
-    # Split into the global section and one block per `listener` line.
+TLS_KEYS = frozenset({"cafile", "capath", "certfile", "keyfile", "psk_hint", "require_certificate"})
+
+
+def _blocks(text: str) -> list[list[str]]:
+    """The global section, then one block per `listener` line (with the comment right above it)."""
     blocks: list[list[str]] = [[]]
     for line in text.splitlines():
         if line.split()[:1] == ["listener"]:
@@ -39,18 +40,25 @@ def mosquitto_config(port: int, host: str, workdir: Path, conf_extra: str = "", 
                 lead.insert(0, previous.pop())
             blocks.append(lead)
         blocks[-1].append(line)
-    tls_keys = {"cafile", "capath", "certfile", "keyfile", "psk_hint", "require_certificate"}
+    return blocks
 
-    def directives(block: list[str]) -> dict[str, str]:
-        found: dict[str, str] = {}
-        for line in block:
-            tokens = line.split(None, 1)
-            if tokens and not tokens[0].startswith("#"):
-                found[tokens[0]] = tokens[1].strip() if len(tokens) > 1 else ""
-        return found
 
+def _directives(block: list[str]) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for line in block:
+        tokens = line.split(None, 1)
+        if tokens and not tokens[0].startswith("#"):
+            found[tokens[0]] = tokens[1].strip() if len(tokens) > 1 else ""
+    return found
+
+
+def mosquitto_config(port: int, host: str, workdir: Path, conf_extra: str = "", source: Path | None = None) -> str:
+    """Build a broker config from the shipped mosquitto.conf: its globals and plain listener only."""
+    blocks = _blocks((source or MOSQUITTO_CONF).read_text(encoding="utf-8"))
     plain = [
-        b for b in blocks[1:] if not tls_keys & directives(b).keys() and directives(b).get("protocol", "mqtt") == "mqtt"
+        b
+        for b in blocks[1:]
+        if not TLS_KEYS & _directives(b).keys() and _directives(b).get("protocol", "mqtt") == "mqtt"
     ]
     if not plain:
         raise DevServiceError(f"mosquitto: {source or MOSQUITTO_CONF} has no plain MQTT listener")
@@ -66,6 +74,38 @@ def mosquitto_config(port: int, host: str, workdir: Path, conf_extra: str = "", 
     if conf_extra:
         out += ["# conf_extra", conf_extra.rstrip("\n"), ""]
     return "\n".join(out)
+
+
+def tls_listener_config(
+    port: int, host: str, pki_dir: Path, acl_file: Path, source: Path | None = None, crl_file: Path | None = None
+) -> str:
+    """The shipped config's mutual-TLS listener, every setting as shipped (CRL, ACL, identity as
+    username and client id, TLS version, max_connections), on host:port with the files of a
+    `manage.py pki` directory; for `start_mosquitto(conf_extra=...)`."""
+    blocks = _blocks((source or MOSQUITTO_CONF).read_text(encoding="utf-8"))
+    tls = [b for b in blocks[1:] if {"certfile", "require_certificate"} <= _directives(b).keys()]
+    if not tls:
+        raise DevServiceError(f"mosquitto: {source or MOSQUITTO_CONF} has no mutual-TLS listener")
+    files = {
+        "cafile": pki_dir / "ca.crt",
+        "certfile": pki_dir / "server.crt",
+        "keyfile": pki_dir / "server.key",
+        "crlfile": crl_file or pki_dir / "crl.pem",
+        "acl_file": acl_file,
+    }
+    out = []
+    for line in tls[0]:
+        key = line.split()[:1]
+        if key == ["listener"]:
+            out.append(f"listener {port} {bind_host(host)}")
+        elif key and key[0] in files:
+            out.append(f"{key[0]} {files[key[0]]}")
+        else:
+            out.append(line)
+    missing = [k for k in ("cafile", "certfile", "keyfile", "crlfile", "acl_file") if k not in _directives(tls[0])]
+    if missing:
+        raise DevServiceError(f"mosquitto: the shipped TLS listener lacks {', '.join(missing)}")
+    return "\n".join(out) + "\n"
 
 
 def start_mosquitto(

@@ -14,7 +14,6 @@ from typing import Any
 
 import nats.errors
 from django.conf import settings
-from django_tenants.utils import schema_context
 from drf_spectacular.openapi import AutoSchema
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiRequest, OpenApiResponse, extend_schema
@@ -26,6 +25,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from argus.problems import PROBLEM_CONTENT_TYPE, PayloadTooLarge, ServiceUnavailable
+from argus.registry import in_schema
 from devices.authentication import (
     API_KEY_KEYWORD,
     BEARER_KEYWORD,
@@ -215,10 +215,12 @@ class TelemetryIngestView(APIView):
 
     @staticmethod
     def _type_profile(identity: DeviceIdentity) -> TypeProfile:
-        # Read from the database, not a cache: the device row was just read to authenticate, and
-        # a type edited in the admin must apply to the very next request.
-        with schema_context(identity.schema):
-            device_type = DeviceType.objects.filter(pk=identity.device_type_id).first()
+        # Read from the database, not a cache: a type edited in the admin must apply to the very
+        # next request. The authentication read it with the device row; otherwise it is read here.
+        device_type = identity.device_type
+        if device_type is None:
+            with in_schema(identity.schema):
+                device_type = DeviceType.objects.filter(pk=identity.device_type_id).first()
         if device_type is None:
             raise exceptions.PermissionDenied("The device's type no longer exists.")
         return type_profile_of(device_type)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import signal
+import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from devtools.fleet import FleetConfig, run_fleet
 from devtools.simulator import (
     DEFAULT_WINDOW,
     MODES,
@@ -64,11 +69,25 @@ class Command(BaseCommand):
         parser.add_argument(
             "--cert-dir",
             type=Path,
-            help="mqtts: PKI directory from `manage.py pki` (devices/<id>/<serial>.crt/.key); default ARGUS_PKI_DIR.",
+            help=(
+                "mqtts: PKI directory from `manage.py pki` (devices/<id>/<serial>.crt/.key) or the bundles of "
+                "`manage.py provision --issue-certificates DIR` (<id>/device.crt, device.key, ca.crt); "
+                "default ARGUS_PKI_DIR."
+            ),
         )
         parser.add_argument(
             "--url", default="", help="http: ingestion URL, e.g. http://localhost:8000/api/v1/telemetry"
         )
+        fleet = parser.add_argument_group(
+            "fleet mode",
+            "--fleet: one MQTT connection per device (mqtt or mqtts with each device's own certificate), a "
+            "persistent session, QoS 1, one endpoint message every --interval s with --jitter, reconnecting "
+            "with jittered exponential backoff (devtools/fleet.py); runs for --seconds or until Ctrl-C.",
+        )
+        fleet.add_argument("--fleet", action="store_true", help="one connection per device (see above)")
+        fleet.add_argument("--interval", type=float, default=10.0, help="fleet: seconds between a device's messages")
+        fleet.add_argument("--jitter", type=float, default=0.1, help="fleet: each gap is interval x [1-j, 1+j]")
+        fleet.add_argument("--keepalive", type=int, default=60, help="fleet: MQTT keepalive in seconds")
         parser.add_argument(
             "--api-key",
             action="append",
@@ -85,6 +104,9 @@ class Command(BaseCommand):
             devices += device_ids(options["prefix"], options["count"])
         if not devices:
             raise CommandError("name devices with --devices ID... or --prefix P --count N")
+        if options["fleet"]:
+            self._fleet(devices, options)
+            return
         config = SimulatorConfig(
             devices=devices,
             transport=options["transport"],
@@ -127,6 +149,40 @@ class Command(BaseCommand):
         if result.errors:
             raise CommandError(f"{result.errors} message(s) failed")
 
+    def _fleet(self, devices: list[str], options: dict[str, Any]) -> None:
+        if options["transport"] not in ("mqtt", "mqtts"):
+            raise CommandError("--fleet runs over mqtt or mqtts")
+        url = options["mqtt_url"] or settings.MQTT_URL
+        if options["transport"] == "mqtts":
+            url = "mqtts://" + url.split("://", 1)[-1]
+        config = FleetConfig(
+            devices=devices,
+            mqtt_url=url,
+            tls=self._tls(devices, options) if options["transport"] == "mqtts" else {},
+            interval=options["interval"],
+            jitter=options["jitter"],
+            seconds=options["seconds"],
+            processes=options["processes"],
+            keepalive=options["keepalive"],
+            msg_id_prefix=options["msg_id_prefix"] or f"fleet{int(time.time())}-",
+        )
+        self.stdout.write(
+            f"simulate: fleet of {len(devices)} devices over {options['transport']} ({url}), one connection each, "
+            f"every {options['interval']:g} s ± {options['jitter']:.0%}"
+        )
+        stop = threading.Event()
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
+        try:
+            with tempfile.TemporaryDirectory(prefix="argus-fleet-") as work_dir:
+                result = run_fleet(config, Path(work_dir), stop=stop)
+        except SimulatorError as exc:
+            raise CommandError(str(exc)) from exc
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        self.stdout.write(result.summary_line())
+        if result.unacked:
+            raise CommandError(f"{result.unacked} message(s) not acknowledged")
+
     def _tls(self, devices: list[str], options: dict[str, Any]) -> dict[str, TlsIdentity]:
         if options["cert"] or options["key"]:
             if not (options["cert"] and options["key"] and options["ca"]):
@@ -134,8 +190,19 @@ class Command(BaseCommand):
             if len(devices) != 1:
                 raise CommandError("--cert/--key identify one device; use --cert-dir for several")
             return {devices[0]: TlsIdentity(cert=options["cert"], key=options["key"], ca=options["ca"])}
+        cert_dir = Path(options["cert_dir"] or settings.ARGUS_PKI_DIR)
+        if all((cert_dir / d / "device.crt").is_file() for d in devices):
+            # The bundles `manage.py provision --issue-certificates DIR` writes: DIR/<id>/device.crt, .key, ca.crt.
+            return {
+                d: TlsIdentity(
+                    cert=str(cert_dir / d / "device.crt"),
+                    key=str(cert_dir / d / "device.key"),
+                    ca=options["ca"] or str(cert_dir / d / "ca.crt"),
+                )
+                for d in devices
+            }
         try:
-            return tls_from_directory(options["cert_dir"] or settings.ARGUS_PKI_DIR, devices, options["ca"])
+            return tls_from_directory(cert_dir, devices, options["ca"])
         except SimulatorError as exc:
             raise CommandError(str(exc)) from exc
 
