@@ -57,6 +57,10 @@ def bounds_check(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
         "ARGUS_RETENTION_DAYS": settings.ARGUS_RETENTION_DAYS,
         "ARGUS_API_MAX_PAGE_SIZE": settings.ARGUS_API_MAX_PAGE_SIZE,
         "ARGUS_LIVE_PING_SECONDS": settings.ARGUS_LIVE_PING_SECONDS,
+        # The answers on devices/<id>/errors must stay limited: no "0 = off" here.
+        "ARGUS_DEVICE_ERRORS_RATE": settings.ARGUS_DEVICE_ERRORS_RATE,
+        "ARGUS_DEVICE_ERRORS_BURST": settings.ARGUS_DEVICE_ERRORS_BURST,
+        "ARGUS_PRESENCE_INACTIVE_INTERVALS": settings.ARGUS_PRESENCE_INACTIVE_INTERVALS,
     }
     messages: list[CheckMessage] = [
         Error(f"{name} must be above 0 (is {value}).", id="argus.E003")

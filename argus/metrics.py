@@ -15,7 +15,9 @@ import os
 import time
 from collections.abc import Callable
 
+from django.conf import settings
 from django.http import HttpRequest, HttpResponse
+from django.utils.module_loading import import_string
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -38,6 +40,22 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 def multiprocess_dir() -> str:
     """The multiprocess directory of this process, "" when it runs in single-process mode."""
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+
+
+_web_registry: CollectorRegistry | None = None
+
+
+def web_registry() -> CollectorRegistry:
+    """The collectors of settings.ARGUS_WEB_METRICS_COLLECTORS (dotted paths of Collector classes:
+    gauges read from the database at scrape time, e.g. devices.metrics.PresenceCollector), which
+    only the web /metrics reports: the apps above the kernel wire them in, it never imports them."""
+    global _web_registry
+    if _web_registry is None:
+        registry = CollectorRegistry(auto_describe=False)
+        for path in settings.ARGUS_WEB_METRICS_COLLECTORS:
+            registry.register(import_string(path)())
+        _web_registry = registry
+    return _web_registry
 
 
 def metrics_registry() -> CollectorRegistry:

@@ -357,6 +357,9 @@ ARGUS_TELEMETRY_HOOKS = {
     "transaction_reassembled": "assets.hooks.evaluate",
     "devices_heard": "assets.hooks.mark_heard",
 }
+# Gauges the web /metrics reads from the database at scrape time (argus/metrics.py: the kernel
+# never imports the apps that define them).
+ARGUS_WEB_METRICS_COLLECTORS = ["devices.metrics.PresenceCollector"]
 # Daily partitions of telemetry_history created ahead of time.
 ARGUS_PARTITION_DAYS_AHEAD = env_int("ARGUS_PARTITION_DAYS_AHEAD", 7)
 
@@ -402,6 +405,13 @@ ARGUS_BRIDGE_LINGER_SECONDS = env_float("ARGUS_BRIDGE_LINGER_SECONDS", 0.02)
 ARGUS_BRIDGE_DEVICE_RATE = env_float("ARGUS_BRIDGE_DEVICE_RATE", 100.0)
 ARGUS_BRIDGE_DEVICE_BURST = env_float("ARGUS_BRIDGE_DEVICE_BURST", 1000.0)
 ARGUS_BRIDGE_ROUTE_TTL_SECONDS = env_float("ARGUS_BRIDGE_ROUTE_TTL_SECONDS", 60.0)
+# Presence and feedback to the device (issue 17; docs/ingestion.md, "Status and errors"): a device of a
+# type with an expected interval is inactive once silent for this many intervals; rejections of
+# the types that opt in are answered on devices/<id>/errors at most at this rate per device
+# (token bucket: per second on average, at once; both above 0), the rest only counted.
+ARGUS_PRESENCE_INACTIVE_INTERVALS = env_int("ARGUS_PRESENCE_INACTIVE_INTERVALS", 3)
+ARGUS_DEVICE_ERRORS_RATE = env_float("ARGUS_DEVICE_ERRORS_RATE", 0.2)
+ARGUS_DEVICE_ERRORS_BURST = env_float("ARGUS_DEVICE_ERRORS_BURST", 5.0)
 ARGUS_BRIDGE_MQTT_PROTOCOL = env("ARGUS_BRIDGE_MQTT_PROTOCOL", "3.1.1")
 ARGUS_BRIDGE_SESSION_EXPIRY_SECONDS = env_int("ARGUS_BRIDGE_SESSION_EXPIRY_SECONDS", 7 * 24 * 3600)
 # mTLS client credential of the bridge when MQTT_URL is mqtts:// (files from `pki issue-client`).

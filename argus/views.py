@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from rest_framework import exceptions
 
 from argus.health import readiness_body, run_checks
-from argus.metrics import metrics_registry
+from argus.metrics import metrics_registry, web_registry
 from argus.problems import problem_response
 
 
@@ -51,7 +51,8 @@ def metrics(request: HttpRequest) -> HttpResponse:
     is public)."""
     if not metrics_allowed(request):
         raise Http404("No metrics here.")
-    return HttpResponse(generate_latest(metrics_registry()), content_type=CONTENT_TYPE_LATEST)
+    body = generate_latest(metrics_registry()) + generate_latest(web_registry())
+    return HttpResponse(body, content_type=CONTENT_TYPE_LATEST)
 
 
 def metrics_allowed(request: HttpRequest) -> bool:

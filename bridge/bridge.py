@@ -33,6 +33,7 @@ from typing import Any
 from urllib.parse import ParseResult, urlparse
 
 import nats
+import orjson
 import paho.mqtt.client as mqtt
 from django.conf import settings
 from django.db import close_old_connections, connection
@@ -53,6 +54,8 @@ from telemetry.health import connection_check
 log = logging.getLogger(__name__)
 
 TOPIC = "devices/+/telemetry"
+# Presence (docs/ingestion.md): the device's "online" and its last will, retained.
+STATUS_TOPIC = "devices/+/status"
 
 # The broker's own counters ($SYS, republished every `sys_interval`, 10 s by default), exported as
 # argus_broker_stat{stat=…}. A broker drops QoS 1 messages for an offline or slow subscriber once
@@ -76,6 +79,15 @@ ROUTE_LOOKUPS = Counter("argus_bridge_route_lookups_total", "Device route lookup
 ROUTE_CACHE_HITS = ROUTE_LOOKUPS.labels("cache")
 BROKER_STAT = Gauge("argus_broker_stat", "The MQTT broker's own counters ($SYS topics)", ["stat"])
 MQTT_CONNECTED = Gauge("argus_bridge_mqtt_connected", "1 while connected to the MQTT broker")
+STATUS_RECEIVED = Counter(
+    "argus_bridge_status_received_total", "Status messages (devices/<id>/status) by outcome", ["outcome"]
+)
+FEEDBACK = Counter(
+    "argus_bridge_feedback_total",
+    "Rejections to answer on devices/<id>/errors: published, or limited (over the device's rate) / dropped "
+    "(not connected to the broker, or a malformed hand-over)",
+    ["outcome"],
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,10 +122,14 @@ class DeviceRateLimit:
     the reason, and ingest spends no decoding, validation or readings on it.
     """
 
-    def __init__(self, rate: float, burst: float) -> None:
+    def __init__(
+        self, rate: float, burst: float, *, counter: Counter | None = None, what: str = "messages_rejected"
+    ) -> None:
         self.rate = rate
         self.burst = max(burst, 1.0)
         self.reason = f"rate_limited: device over its limit of {rate:g} messages/s (burst {self.burst:g})"
+        self._counter = counter if counter is not None else RATE_LIMITED
+        self._what = what  # how the log line names what was limited
         self._buckets: dict[str, list[float]] = {}  # logical id -> [tokens, last refill]
         self._limited_since_log: dict[str, int] = {}
 
@@ -130,14 +146,14 @@ class DeviceRateLimit:
         if bucket[0] >= 1.0:
             bucket[0] -= 1.0
             return True
-        RATE_LIMITED.inc()
+        self._counter.inc()
         self._limited_since_log[logical_id] = self._limited_since_log.get(logical_id, 0) + 1
         return False
 
     def sweep(self, now: float) -> None:
         """Log who was limited since the last sweep; forget buckets that have refilled."""
         for logical_id, count in sorted(self._limited_since_log.items(), key=lambda kv: -kv[1])[:20]:
-            log.warning("rate limit device=%s messages_rejected=%d", logical_id[:128], count)
+            log.warning("rate limit device=%s %s=%d", logical_id[:128], self._what, count)
         self._limited_since_log.clear()
         full_after = self.burst / self.rate if self.rate > 0 else 0.0
         for logical_id in [k for k, (_, last) in self._buckets.items() if now - last > full_after]:
@@ -232,6 +248,7 @@ class MqttBridge:
         self.client_id = client_id or settings.ARGUS_BRIDGE_CLIENT_ID
         share_group = settings.ARGUS_BRIDGE_SHARE_GROUP if share_group is None else share_group
         self.topic = f"$share/{share_group}/{TOPIC}" if share_group else TOPIC
+        self.status_topic = f"$share/{share_group}/{STATUS_TOPIC}" if share_group else STATUS_TOPIC
         self.max_inflight = max_inflight or settings.ARGUS_BRIDGE_MAX_INFLIGHT
         # The most unacknowledged MQTT messages this process holds (received, waiting or in flight
         # to JetStream) before it stops reading the broker's socket; reading resumes below half.
@@ -246,6 +263,14 @@ class MqttBridge:
         self.max_payload = settings.ARGUS_MAX_PAYLOAD_BYTES
         self.routes = RouteCache()
         self.rate_limit = DeviceRateLimit(settings.ARGUS_BRIDGE_DEVICE_RATE, settings.ARGUS_BRIDGE_DEVICE_BURST)
+        # Answers on devices/<id>/errors: a device sending nothing but bad messages gets at most
+        # this many, whatever it sends (no amplification).
+        self.feedback_limit = DeviceRateLimit(
+            settings.ARGUS_DEVICE_ERRORS_RATE,
+            settings.ARGUS_DEVICE_ERRORS_BURST,
+            counter=FEEDBACK.labels("limited"),
+            what="errors_not_sent",
+        )
         self._last_rate_sweep = time.monotonic()
         # The broker's dropped-message counter when last seen (None: not yet heard this run).
         self._broker_dropped: float | None = None
@@ -291,6 +316,8 @@ class MqttBridge:
         # publish wait (its semaphore scans its waiters on every acquire).
         self._js = self._nc.jetstream(publish_async_max_pending=2 * self.max_inflight + 1000)
         await js_defs.ensure_streams(self._js)
+        # One bridge of the queue group answers each rejection runingest hands over.
+        await self._nc.subscribe(js_defs.FEEDBACK_SUBJECT, queue=js_defs.FEEDBACK_QUEUE, cb=self._on_feedback)
         try:
             await asyncio.to_thread(self.routes.load)
         except Exception as exc:
@@ -392,11 +419,15 @@ class MqttBridge:
                 routes.update(loaded)
         by_tenant: dict[str, list[tuple[mqtt.MQTTMessage, js_defs.EnvelopeRecord]]] = {}
         limited: dict[str, list[tuple[mqtt.MQTTMessage, js_defs.EnvelopeRecord]]] = {}
+        statuses: dict[tuple[str, bool], list[tuple[mqtt.MQTTMessage, js_defs.EnvelopeRecord]]] = {}
         now = time.monotonic()
         for message in batch:
             logical_id = _logical_id(message)
             route = routes[logical_id]
             received_us = self._receive_stamp()
+            if message.topic.endswith("/status"):
+                self._take_status(message, logical_id, received_us, route, now, statuses)
+                continue
             refusal = self._refusal(logical_id, message.payload, route)
             if refusal is not None:
                 await self._dead_letter(message, logical_id, received_us, *refusal)
@@ -412,7 +443,31 @@ class MqttBridge:
             await self._send_envelopes(schema, items)
         for schema, items in limited.items():
             await self._send_envelopes(schema, items, refusal=self.rate_limit.reason)
+        for (schema, retained), items in statuses.items():
+            await self._send_envelopes(schema, items, status=True, retained=retained)
         return True
+
+    def _take_status(
+        self,
+        message: mqtt.MQTTMessage,
+        logical_id: str,
+        received_us: int,
+        route: Route | None,
+        now: float,
+        statuses: dict[tuple[str, bool], list[tuple[mqtt.MQTTMessage, js_defs.EnvelopeRecord]]],
+    ) -> None:
+        """Queue a device's status message for its tenant's status envelope. A status is state,
+        not a record: that of an unknown device, one over the device's rate limit (the same
+        bucket as its telemetry) or an oversized one is acknowledged and dropped, and counted."""
+        if route is None or len(message.payload) > self.max_payload or not self.rate_limit.allow(logical_id, now):
+            outcome = "unknown_device" if route is None else "dropped"
+            STATUS_RECEIVED.labels(outcome).inc()
+            if message.qos > 0 and self._client is not None:
+                self._client.ack(message.mid, message.qos)
+            return
+        STATUS_RECEIVED.labels("forwarded").inc()
+        record = js_defs.EnvelopeRecord(logical_id, js_defs.new_message_id(), received_us, message.payload)
+        statuses.setdefault((route.schema, bool(message.retain)), []).append((message, record))
 
     def _held(self) -> int:
         """Unacknowledged MQTT messages in this process."""
@@ -461,18 +516,22 @@ class MqttBridge:
         items: list[tuple[mqtt.MQTTMessage, js_defs.EnvelopeRecord]],
         *,
         refusal: str = "",
+        status: bool = False,
+        retained: bool = False,
     ) -> None:
         """Publish one tenant's messages in envelopes; with a refusal, every one of them is to be
-        stored as rejected for that reason."""
+        stored as rejected for that reason. Status messages go in envelopes of their own
+        (`telemetry.<schema>.status`), marked when the broker replayed them as retained."""
+        subject = js_defs.status_subject(schema) if status else js_defs.envelope_subject(schema)
         for envelope in _split(items, self.envelope_messages, self.envelope_bytes):
             payload = js_defs.encode_envelope([record for _, record in envelope])
             headers = {js_defs.H_MSG_ID: js_defs.new_message_id(), js_defs.H_ENVELOPE: str(len(envelope))}
             if refusal:
                 headers[js_defs.H_REASON] = refusal
+            if retained:
+                headers[js_defs.H_RETAINED] = "1"
             acks = [(message.mid, message.qos) for message, _ in envelope]
-            await self._send(
-                Pending(acks=acks, subject=js_defs.envelope_subject(schema), payload=payload, headers=headers)
-            )
+            await self._send(Pending(acks=acks, subject=subject, payload=payload, headers=headers))
 
     def _receive_stamp(self) -> int:
         """The receive time in epoch microseconds, strictly increasing: it is the reading time of
@@ -602,6 +661,7 @@ class MqttBridge:
         if now - self._last_rate_sweep >= 10:
             self._last_rate_sweep = now
             self.rate_limit.sweep(now)
+            self.feedback_limit.sweep(now)
         if now - self._last_summary >= 30:
             # One line per half minute with what was done since the last one.
             self._last_summary = now
@@ -660,7 +720,7 @@ class MqttBridge:
         # One SUBSCRIBE (one SUBACK): telemetry at QoS 1, the broker's counters at QoS 0. A broker
         # that refuses $SYS to the bridge (an ACL without `topic read $SYS/broker/#`) still gives
         # telemetry; the SUBACK's reasons say so in the log.
-        client.subscribe([(self.topic, 1), *((topic, 0) for topic in BROKER_STATS)])
+        client.subscribe([(self.topic, 1), (self.status_topic, 1), *((topic, 0) for topic in BROKER_STATS)])
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
         log.info("mqtt subscribed topic=%s reasons=%s", self.topic, [str(r) for r in reasons])
@@ -713,6 +773,29 @@ class MqttBridge:
                 value,
             )
 
+    async def _on_feedback(self, msg: Any) -> None:
+        """Answer a rejection runingest handed over on devices/<id>/errors (QoS 1, not retained),
+        within the device's feedback rate; what is over it, or arrives while the broker is away,
+        is counted and dropped (the rejected raw row has it all)."""
+        try:
+            body = orjson.loads(msg.data)
+            logical_id = body["device"]
+            answer = {"msg_id": body.get("msg_id"), "reason": body["reason"], "received_at": body.get("received_at")}
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            FEEDBACK.labels("dropped").inc()
+            log.warning("feedback hand-over not understood: %s", exc)
+            return
+        if not isinstance(logical_id, str) or not logical_id or any(c in logical_id for c in "/+#"):
+            FEEDBACK.labels("dropped").inc()
+            return
+        if not self.feedback_limit.allow(logical_id, time.monotonic()):
+            return
+        if self._client is None or not self.mqtt_connected:
+            FEEDBACK.labels("dropped").inc()
+            return
+        self._client.publish(f"devices/{logical_id}/errors", orjson.dumps(answer), qos=1, retain=False)
+        FEEDBACK.labels("published").inc()
+
     async def _nats_error(self, exc: Exception) -> None:
         log.warning("nats error: %s", exc)
 
@@ -742,5 +825,5 @@ def redacted_url(url: ParseResult) -> str:
 
 
 def _logical_id(message: mqtt.MQTTMessage) -> str:
-    # devices/<logical id>/telemetry (the subscription guarantees the shape)
+    # devices/<logical id>/telemetry or /status (the subscriptions guarantee the shape)
     return message.topic.split("/", 2)[1]

@@ -6,11 +6,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from django.db.models import F, Q
 from django.utils import timezone
 
 from assets.models import Alert, AlertStatus, Asset, AssetHealthScore
 from assets.selectors import asset_views
-from devices.models import Device
+from devices.models import Device, presence_text
 from telemetry.selectors import latest_readings, metrics_of_device
 
 DEVICES_SHOWN = 100
@@ -50,10 +51,24 @@ def overview(*, now: datetime | None = None) -> Overview:
     alerts = list(
         Alert.objects.exclude(status=AlertStatus.RESOLVED).select_related("asset", "rule").order_by("-raised_at")[:100]
     )
+    # Heard from, or at least said it is online or offline (a device may connect before it sends).
     devices = list(
-        Device.objects.filter(last_seen__isnull=False)
-        .order_by("-last_seen", "pk")[:DEVICES_SHOWN]
-        .only("pk", "logical_identifier", "name", "last_seen", "device_type__metrics")
+        Device.objects.with_presence()
+        .filter(Q(last_seen__isnull=False) | Q(online__isnull=False))
+        .order_by(F("last_seen").desc(nulls_last=True), "pk")[:DEVICES_SHOWN]
+        .only(
+            "pk",
+            "logical_identifier",
+            "name",
+            "last_seen",
+            "created_at",
+            "status",
+            "online",
+            "presence_since",
+            "last_disconnect_reason",
+            "device_type__metrics",
+            "device_type__expected_interval_seconds",
+        )
     )
     declared = {
         d.pk: d.device_type.metrics
@@ -64,7 +79,14 @@ def overview(*, now: datetime | None = None) -> Overview:
     for d in devices:
         newest = readings.get(d.pk, {})
         time = max((t for t, _ in newest.values()), default=None)
-        device_rows.append({"device": d, "time": time, "values": {m: v for m, (_, v) in sorted(newest.items())}})
+        device_rows.append(
+            {
+                "device": d,
+                "presence": presence_text(d),
+                "time": time,
+                "values": {m: v for m, (_, v) in sorted(newest.items())},
+            }
+        )
     return Overview(assets=asset_rows, alerts=alerts, devices=device_rows)
 
 

@@ -94,10 +94,11 @@ def _for_page(data: bytes, devices: frozenset[str] | None) -> bytes:
     if devices is None:
         return data
     event = orjson.loads(data)
-    if "devices" in event:
-        event["devices"] = {key: value for key, value in event["devices"].items() if key in devices}
-        if not event["devices"]:
-            del event["devices"]
+    for section in ("devices", "presence"):
+        if section in event:
+            event[section] = {key: value for key, value in event[section].items() if key in devices}
+            if not event[section]:
+                del event[section]
     return orjson.dumps(event)
 
 

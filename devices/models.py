@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,9 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models, transaction
-from django.db.models import F, Q
+from django.db.models import ExpressionWrapper, F, Q, Value
+from django.db.models.functions import Coalesce, Now
+from django.db.models.lookups import LessThan
 from django.utils import timezone
 
 from argus.identity import is_reserved_identifier
@@ -101,6 +104,19 @@ class DeviceType(models.Model):
         validators=[MinValueValidator(1), MaxValueValidator(10000)],
         help_text="Chunked gateways: the largest `total` accepted.",
     )
+    expected_interval_seconds = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1)],
+        help_text="How often devices of this type send (seconds). A device silent for "
+        "ARGUS_PRESENCE_INACTIVE_INTERVALS of these counts as inactive. Empty: never inactive.",
+    )
+    error_feedback = models.BooleanField(
+        default=False,
+        db_default=False,
+        help_text="Answer each rejected MQTT message on devices/<id>/errors (msg_id and reason), "
+        "rate-limited per device (docs/ingestion.md).",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -142,6 +158,31 @@ class DeviceStatus(models.TextChoices):
     DISABLED = "disabled", "Disabled"
 
 
+def inactive_condition() -> Q:
+    """True for a device whose type has an expected interval and that was not heard from (since it
+    was registered) for ARGUS_PRESENCE_INACTIVE_INTERVALS of them, by the database's clock when
+    the query runs. Disabled devices are never inactive: nobody expects them to send.
+
+    `last_seen` lags by up to 1.5 resolutions (ARGUS_LAST_SEEN_RESOLUTION_SECONDS), so that much
+    is added to the silence allowed: a device sending on time is never called inactive.
+    """
+    slack = timedelta(seconds=1.5 * settings.ARGUS_LAST_SEEN_RESOLUTION_SECONDS)
+    allowed = ExpressionWrapper(
+        Value(timedelta(seconds=settings.ARGUS_PRESENCE_INACTIVE_INTERVALS))
+        * F("device_type__expected_interval_seconds"),
+        output_field=models.DurationField(),
+    )
+    cutoff = ExpressionWrapper(Now() - Value(slack) - allowed, output_field=models.DateTimeField())
+    silent: LessThan[Any] = LessThan(Coalesce(F("last_seen"), F("created_at")), cutoff)
+    return Q(device_type__expected_interval_seconds__isnull=False) & Q(status=DeviceStatus.ACTIVE) & Q(silent)
+
+
+class DeviceQuerySet(models.QuerySet["Device"]):
+    def with_presence(self) -> DeviceQuerySet:
+        """Annotate `inactive` (`inactive_condition`)."""
+        return self.annotate(inactive=ExpressionWrapper(inactive_condition(), output_field=models.BooleanField()))
+
+
 class Device(models.Model):
     """A physical or logical device; its logical identifier is unique across the whole platform."""
 
@@ -164,8 +205,18 @@ class Device(models.Model):
     status = models.CharField(max_length=20, choices=DeviceStatus.choices, default=DeviceStatus.ACTIVE)
     metadata = models.JSONField(default=dict, blank=True)
     last_seen = models.DateTimeField(null=True, blank=True)
+    # Presence (telemetry/presence.py): from the device's messages on devices/<id>/status, its
+    # "online" and the broker's last will. None: the device never said.
+    online = models.BooleanField(null=True, blank=True, editable=False)
+    presence_since = models.DateTimeField(
+        null=True, blank=True, editable=False, help_text="When the bridge heard the current online/offline state."
+    )
+    # A database default: ingest registers gateway children in SQL of its own (telemetry/children.py).
+    last_disconnect_reason = models.CharField(max_length=200, blank=True, editable=False, db_default="")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
+
+    objects = DeviceQuerySet.as_manager()
 
     class Meta:
         db_table = "devices"
@@ -185,9 +236,22 @@ class Device(models.Model):
     # The identity as loaded from the database, so save() can tell a rename (None: unknown).
     _loaded_logical_identifier: str | None = None
 
+    # Written by ingest alone (telemetry/presence.py): a save of a copy loaded before a status
+    # arrived (the admin's form, an API PATCH) must not put the old presence back.
+    PIPELINE_FIELDS = ("online", "presence_since", "last_disconnect_reason")
+
     def save(self, *args: Any, **kwargs: Any) -> None:
         from argus.registry import registry_sync
 
+        if (
+            not self._state.adding
+            and not args
+            and kwargs.get("update_fields") is None
+            and not kwargs.get("force_insert")
+        ):
+            kwargs["update_fields"] = [
+                f.name for f in self._meta.concrete_fields if not f.primary_key and f.name not in self.PIPELINE_FIELDS
+            ]
         update_fields = kwargs.get("update_fields")
         renamed = False
         with transaction.atomic():
@@ -261,6 +325,21 @@ class Device(models.Model):
                 )
         if errors:
             raise ValidationError(errors)
+
+
+def presence_text(device: Device) -> str:
+    """`online since …`, `offline since … (reason)`, `unknown`; `inactive` added when silent for
+    its type's allowed intervals (`Device.objects.with_presence()`)."""
+    if device.online is None or device.presence_since is None:
+        text = "unknown"
+    else:
+        since = timezone.localtime(device.presence_since).strftime("%Y-%m-%d %H:%M:%S")
+        text = f"{'online' if device.online else 'offline'} since {since}"
+        if not device.online and device.last_disconnect_reason:
+            text += f" ({device.last_disconnect_reason})"
+    if getattr(device, "inactive", False):
+        text += ", inactive"
+    return text
 
 
 class DeviceCertificate(models.Model):

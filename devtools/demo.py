@@ -167,6 +167,8 @@ class Feeds:
             transport="http",
             http_url=self.http_url,
             api_keys={ENDPOINT_DEVICE: self.api_key},
+            # Each device its own connection with a last will: the admin and dashboard show presence.
+            presence=True,
         )
         mqtt = MqttPublisher(config, [ENDPOINT_DEVICE, COLD_DEVICE], 0)
         web = HttpPublisher(config)
@@ -205,6 +207,7 @@ class Feeds:
             mode="gateway",
             children=GATEWAY_CHILDREN,
             rate=GATEWAY_RATE,
+            presence=True,
         )
         result = run_simulation(config, stop=self.stop)
         self.stats.gateway_messages = result.sent

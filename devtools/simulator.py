@@ -47,6 +47,11 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MODES = ("endpoint", "gateway", "gateway_chunked")
 TRANSPORTS = ("mqtt", "mqtts", "http")
 TOPIC = "devices/{}/telemetry"
+# Presence (docs/ingestion.md): "online" when connected, a last will for when the connection drops.
+STATUS_TOPIC = "devices/{}/status"
+ONLINE = b'{"state": "online"}'
+WILL = b'{"state": "offline", "reason": "connection lost"}'
+SHUTDOWN = b'{"state": "offline", "reason": "shutdown"}'
 # paho cannot tell acknowledgements apart once more than 65535 QoS 1 publishes are outstanding
 # (message ids wrap) and stalls well before that; a few thousand in flight saturate loopback.
 DEFAULT_WINDOW = 2000
@@ -103,6 +108,9 @@ class SimulatorConfig:
     lean: bool = False
     # Metrics per gateway child: 2 (rssi, battery) or 1 (rssi).
     child_metrics: int = len(CHILD_METRICS)
+    # MQTT: one connection per device, each with a last will on devices/<id>/status and a
+    # retained "online" once connected (and an "offline" before a clean disconnect).
+    presence: bool = False
     # Worker processes (processes > 1) lower their CPU priority by this much (os.nice): a load
     # generator sending flat out on the machine it measures otherwise takes the CPU of the
     # processes under test, which devices sending from elsewhere never do.
@@ -122,6 +130,8 @@ class SimulatorConfig:
             raise SimulatorError("rate must be >= 0; processes, children, beacons, chunk size >= 1")
         if not 1 <= self.window <= MAX_WINDOW:
             raise SimulatorError(f"window must be in 1..{MAX_WINDOW} (paho stalls beyond ~65k unacknowledged)")
+        if self.presence and self.lean:
+            raise SimulatorError("presence needs paho's MQTT connections, not --lean")
         if self.transport == "mqtts":
             missing = [d for d in self.devices if d not in self.tls]
             if missing:
@@ -320,8 +330,12 @@ def _note_error(publisher: Publisher, text: str) -> None:
 class _MqttConnection:
     """One paho client driven from the calling thread (no network thread: no lock traffic)."""
 
-    def __init__(self, owner: MqttPublisher, client_id: str, tls: TlsIdentity | None) -> None:
+    def __init__(
+        self, owner: MqttPublisher, client_id: str, tls: TlsIdentity | None, presence_device: str | None = None
+    ) -> None:
         self.owner = owner
+        self.presence_device = presence_device
+        self._status_mids: set[int] = set()
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -340,18 +354,31 @@ class _MqttConnection:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish
         self.connect_failure = ""
+        if presence_device is not None:
+            # Retained, so whoever subscribes later (the bridge after a restart) learns the state.
+            self.client.will_set(STATUS_TOPIC.format(presence_device), WILL, qos=1, retain=True)
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         if rc.is_failure:
             self.connect_failure = str(rc)
         else:
             self.connected = True
+            if self.presence_device is not None:
+                self._status(ONLINE)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         self.connected = False
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, rc: Any, props: Any) -> None:
+        if mid in self._status_mids:  # not one of the messages the window counts
+            self._status_mids.discard(mid)
+            return
         self.owner.acked += 1
+
+    def _status(self, payload: bytes) -> None:
+        assert self.presence_device is not None
+        info = self.client.publish(STATUS_TOPIC.format(self.presence_device), payload, qos=1, retain=True)
+        self._status_mids.add(info.mid)
 
     def connect(self, host: str, port: int) -> None:
         try:
@@ -381,6 +408,12 @@ class _MqttConnection:
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
+            if self.presence_device is not None and self.connected:
+                # A clean disconnect discards the will: say "offline" ourselves.
+                self._status(SHUTDOWN)
+                deadline = time.monotonic() + 2.0
+                while self._status_mids and time.monotonic() < deadline:
+                    self.client.loop(0.05)
             self.client.disconnect()
             self.client.loop(0.1)
 
@@ -405,7 +438,13 @@ class MqttPublisher:
         if secure:
             # With mTLS the certificate is the device's identity: one connection per device.
             for device in devices:
-                self.connections[device] = _MqttConnection(self, device, config.tls[device])
+                presence = device if config.presence else None
+                self.connections[device] = _MqttConnection(self, device, config.tls[device], presence)
+            self._all = list(self.connections.values())
+        elif config.presence:
+            # A last will names one topic: one connection per device, so each has its own.
+            for device in devices:
+                self.connections[device] = _MqttConnection(self, f"{base}-{device}", None, device)
             self._all = list(self.connections.values())
         else:
             self._all = [_MqttConnection(self, f"{base}-w{worker}", None)]

@@ -143,6 +143,16 @@ def _is_utf8(payload: bytes) -> bool:
     return True
 
 
+def msg_id_of(payload: bytes) -> str | None:
+    """The msg_id of a message the adapter refused before it got that far (a bad value, say), if
+    the payload is a JSON object with a valid one; else None. For the device's feedback."""
+    try:
+        document = orjson.loads(payload)
+        return _msg_id(document) if isinstance(document, dict) else None
+    except (orjson.JSONDecodeError, Rejected):
+        return None
+
+
 def _msg_id(document: dict[str, Any]) -> str | None:
     msg_id = document.get("msg_id")
     if msg_id is None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import django.db
 import nats
+import orjson
 import psycopg
 from django.conf import settings
 from django.db import close_old_connections
@@ -40,7 +41,7 @@ from argus.outage import close_broken_connection, database_outage, is_database_e
 from telemetry import jetstream as js_defs
 from telemetry.health import connection_check, lag_verdict
 from telemetry.ingest import ingest_batch, ingest_refused
-from telemetry.messages import BatchResult, IncomingMessage
+from telemetry.messages import KIND_STATUS, KIND_TELEMETRY, BatchResult, Feedback, IncomingMessage
 from telemetry.profiles import ProfileCache
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,9 @@ LAG = Gauge("argus_ingest_pending_messages", "Messages waiting in the consumer (
 ACK_PENDING = Gauge("argus_ingest_ack_pending_messages", "Messages delivered to consumers and not yet acknowledged")
 REDELIVERIES = Counter(
     "argus_ingest_redeliveries_total", "JetStream messages received again (an earlier delivery was not acknowledged)"
+)
+FEEDBACK_SENT = Counter(
+    "argus_ingest_feedback_total", "Rejections handed to the bridges to answer on devices/<id>/errors"
 )
 DEAD_LETTERS = Gauge("argus_deadletters", "Messages in the DEADLETTER stream (manage.py deadletters)")
 E2E_LATENCY = Histogram(
@@ -276,6 +280,8 @@ class IngestConsumer:
         for delivery in stored.committed:
             await delivery.msg.ack()
         outcome.acked += len(stored.committed)
+        for result in stored.results.values():
+            await self._send_feedback(result.feedback)
         for delivery in stored.failed:
             # Back off so a transient fault is not hammered. What of an envelope was stored
             # already is absorbed as duplicates on redelivery.
@@ -302,6 +308,22 @@ class IngestConsumer:
                 # On the database thread: the follow-up hooks may read the database (assets asks
                 # which of these devices feed an asset) and Django connections are per thread.
                 await asyncio.get_running_loop().run_in_executor(self._db, self._after_commit, schema, result)
+
+    async def _send_feedback(self, feedback: list[Feedback]) -> None:
+        """Hand the committed rejections of devices that asked for feedback to the bridges, which
+        answer them on devices/<id>/errors (rate-limited per device there). Core NATS, fire and
+        forget: the rejection is stored; its answer to the device is a courtesy."""
+        if not feedback or self._nc is None or not self._nc.is_connected:
+            return
+        for item in feedback:
+            body = {
+                "device": item.logical_id,
+                "msg_id": item.msg_id,
+                "reason": item.reason,
+                "received_at": item.received_at.isoformat(),
+            }
+            await self._nc.publish(js_defs.FEEDBACK_SUBJECT, orjson.dumps(body))
+        FEEDBACK_SENT.inc(len(feedback))
 
     def _after_commit(self, schema: str, result: BatchResult) -> None:
         assert self.after_commit is not None
@@ -440,6 +462,9 @@ class IngestConsumer:
             except (ValueError, UnicodeDecodeError) as exc:
                 return None, f"bad envelope: {exc}"
             refusal = headers.get(js_defs.H_REASON, "")
+            # telemetry.<schema>.status: the devices' presence messages (telemetry/presence.py).
+            kind = KIND_STATUS if parts[2] == "status" else KIND_TELEMETRY
+            retained = headers.get(js_defs.H_RETAINED) == "1"
             messages = [
                 IncomingMessage(
                     key=r.key,
@@ -448,6 +473,8 @@ class IngestConsumer:
                     payload=r.payload,
                     # An envelope of messages the bridge refused (all for the same reason).
                     refusal=refusal,
+                    kind=kind,
+                    retained=retained,
                 )
                 for r in records
             ]

@@ -9,7 +9,7 @@ import logging
 from django_tenants.utils import schema_context
 
 from telemetry import hooks
-from telemetry.live import live_stored
+from telemetry.live import live_presence, live_stored
 from telemetry.messages import BatchResult
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,8 @@ def enqueue_followups(schema: str, result: BatchResult) -> None:
         # The chunks are stored and counted: the sweeper enqueues these again.
         log.exception("could not enqueue reassembly schema=%s transactions=%s", schema, result.completed_transactions)
     live_stored(schema, messages=result.accepted, readings=result.readings, latest=result.latest)
+    if result.presence:
+        live_presence(schema, result.presence)
     try:
         with schema_context(schema):
             hooks.batch_committed(result.latest)

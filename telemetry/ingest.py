@@ -20,8 +20,9 @@ from devices.models import DeviceStatus, ProcessingMode
 from telemetry.adapters import ADAPTERS, Rejected, TimeWindow, check_times
 from telemetry.children import resolve_children
 from telemetry.chunks import chunks_admit, chunks_store
-from telemetry.messages import BatchResult, IncomingMessage, Prepared, safe_text
+from telemetry.messages import KIND_STATUS, BatchResult, IncomingMessage, Prepared, safe_text
 from telemetry.models import RawStatus
+from telemetry.presence import presence_apply
 from telemetry.profiles import ProfileCache
 from telemetry.storage import write_prepared
 
@@ -31,6 +32,9 @@ log = logging.getLogger(__name__)
 def ingest_batch(*, messages: Sequence[IncomingMessage], profiles: ProfileCache) -> BatchResult:
     """Store one tenant's messages (call inside its schema_context); commits before returning."""
     schema = current_schema()
+    statuses = [m for m in messages if m.kind == KIND_STATUS]
+    if statuses:
+        messages = [m for m in messages if m.kind != KIND_STATUS]
     profiles.prefetch_devices(schema, [m.logical_id for m in messages])
     limits = _Limits(TimeWindow.from_settings(), settings.ARGUS_MAX_PAYLOAD_BYTES)
     prepared = [_prepare(m, schema, profiles, limits) for m in messages]
@@ -40,6 +44,8 @@ def ingest_batch(*, messages: Sequence[IncomingMessage], profiles: ProfileCache)
         result, inserted = write_prepared(prepared)
         result.children_registered = len(registered)
         result.completed_transactions = chunks_store(admissions, inserted)
+        if statuses:
+            result.presence = presence_apply(messages=statuses, profiles=profiles)
     # Only now are the new children real for other transactions too.
     for profile in registered:
         profiles.remember_device(schema, profile)

@@ -71,6 +71,15 @@ H_RECEIVED = "Argus-Received-Ms"
 H_TRANSPORT = "Argus-Transport"
 H_REASON = "Argus-Reason"
 H_ENVELOPE = "Argus-Envelope"
+# On a status envelope (`status_subject`): its messages reached the bridge as retained messages,
+# replayed by the broker on subscribing, so when they were sent is not known.
+H_RETAINED = "Argus-Retained"
+
+# Rejections to be answered on devices/<id>/errors (docs/ingestion.md): runingest publishes one
+# core NATS message per rejection after its commit, the bridges (one queue group: one of them
+# takes each) publish it to the device, rate-limited. Best effort: core NATS, not a stream.
+FEEDBACK_SUBJECT = "argus.feedback"
+FEEDBACK_QUEUE = "bridges"
 
 # An envelope carries many device messages of one tenant in one JetStream message (see
 # `encode_envelope`): the bridge sends them, the consumer opens them. Per the prototype's
@@ -125,6 +134,12 @@ def decode_envelope(data: bytes) -> list[EnvelopeRecord]:
 def envelope_subject(schema: str) -> str:
     """`telemetry.<tenant schema>.envelope`: many devices of one tenant."""
     return f"telemetry.{schema}.envelope"
+
+
+def status_subject(schema: str) -> str:
+    """`telemetry.<tenant schema>.status`: an envelope of devices' presence messages
+    (devices/<id>/status), stored by runingest as the devices' presence, not as telemetry."""
+    return f"telemetry.{schema}.status"
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from argus import live
-from telemetry.messages import LatestValues
+from telemetry.messages import LatestValues, Presence
 
 
 def live_stored(schema: str, *, messages: int, readings: int, latest: LatestValues) -> None:
@@ -13,3 +13,15 @@ def live_stored(schema: str, *, messages: int, readings: int, latest: LatestValu
     # out, once per interval, instead of every batch formatting every device's time (4 % of
     # runingest's profile at 5,000 msgs/s from 1,000 devices).
     live.note(schema, "devices", {str(d): {"time": t, "values": v} for d, (t, v) in latest.items()})
+
+
+def live_presence(schema: str, presence: dict[int, Presence]) -> None:
+    """Devices whose presence (online/offline) a batch changed."""
+    live.note(
+        schema,
+        "presence",
+        {
+            str(d): {"online": p.online, "since": p.since.isoformat(), "reason": p.last_disconnect_reason}
+            for d, p in presence.items()
+        },
+    )

@@ -16,6 +16,10 @@ from telemetry.profiles import DeviceProfile, TypeProfile
 
 LatestValues = dict[int, tuple[datetime, dict[str, float]]]
 
+# What a stream message carries: telemetry, or a device's presence (devices/<id>/status).
+KIND_TELEMETRY = "telemetry"
+KIND_STATUS = "status"
+
 
 @dataclass(slots=True)
 class IncomingMessage:
@@ -30,6 +34,9 @@ class IncomingMessage:
     # oversized payload, forwarded cut short so that the device's tenant still gets its rejected
     # raw row): the reason it gave. It is stored as a rejected raw row without being decoded.
     refusal: str = ""
+    kind: str = KIND_TELEMETRY
+    # A status message the broker replayed (retained) when the bridge subscribed.
+    retained: bool = False
 
 
 @dataclass(slots=True)
@@ -83,6 +90,25 @@ def safe_text(reason: str, limit: int = 1000) -> str:
     return text
 
 
+@dataclass(frozen=True, slots=True)
+class Feedback:
+    """A rejection to tell the device on devices/<id>/errors."""
+
+    logical_id: str
+    msg_id: str | None
+    reason: str
+    received_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    """A device's connectivity as stored: online or not, since when, why it last went offline."""
+
+    online: bool
+    since: datetime
+    last_disconnect_reason: str
+
+
 @dataclass
 class BatchResult:
     """What a batch did: outcomes per message and the newest values per device."""
@@ -97,6 +123,10 @@ class BatchResult:
     # device id -> (time, {metric: value}) of its newest reading in this batch
     latest: LatestValues = field(default_factory=dict)
     completed_transactions: list[int] = field(default_factory=list)
+    # Rejections of devices whose type opts in to feedback (only MQTT: HTTP answers with a 400).
+    feedback: list[Feedback] = field(default_factory=list)
+    # device id -> its presence, where this batch changed it
+    presence: dict[int, Presence] = field(default_factory=dict)
 
     def merge(self, other: BatchResult) -> None:
         """Add another result's counts and newest values to this one."""
@@ -109,3 +139,5 @@ class BatchResult:
         self.conflicts += other.conflicts
         self.completed_transactions.extend(other.completed_transactions)
         self.latest.update(other.latest)
+        self.feedback.extend(other.feedback)
+        self.presence.update(other.presence)

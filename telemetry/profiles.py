@@ -67,6 +67,8 @@ class TypeProfile:
     max_children: int
     chunk_ttl_seconds: int
     max_chunks: int
+    # Rejections answered on devices/<id>/errors (a default: entries cached before it lack it).
+    error_feedback: bool = False
     validator: Any = field(default=None, compare=False, repr=False)
 
     def with_validator(self) -> TypeProfile:
@@ -114,6 +116,7 @@ def type_profile_of(device_type: DeviceType) -> TypeProfile:
         max_children=device_type.max_children,
         chunk_ttl_seconds=device_type.chunk_ttl_seconds,
         max_chunks=device_type.max_chunks,
+        error_feedback=device_type.error_feedback,
     ).with_validator()
 
 

@@ -18,7 +18,8 @@ from django.utils import timezone
 from argus.registry import current_schema
 from argus.sql import bigint_array, copy_rows
 from telemetry import hooks
-from telemetry.messages import BatchResult, Prepared
+from telemetry.adapters import msg_id_of
+from telemetry.messages import BatchResult, Feedback, Prepared
 from telemetry.models import RawStatus
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,9 @@ def write_prepared(prepared: list[Prepared]) -> tuple[BatchResult, dict[str, int
             result.accepted += 1
         elif item.status == RawStatus.REJECTED:
             result.rejected += 1
+            if item.device_type is not None and item.device_type.error_feedback and item.message.transport == "mqtt":
+                msg_id = item.decoded.msg_id if item.decoded is not None else msg_id_of(item.message.payload)
+                result.feedback.append(Feedback(item.message.logical_id, msg_id, item.reason, item.message.received_at))
         else:
             result.chunks += 1
         if item.device is not None:

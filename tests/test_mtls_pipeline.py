@@ -10,6 +10,7 @@ present their certificates. Run: `.venv/bin/python -m pytest tests/test_mtls_pip
 from __future__ import annotations
 
 import io
+import queue
 import shutil
 import signal
 import socket
@@ -26,7 +27,7 @@ from django_tenants.utils import schema_context
 from paho.mqtt.enums import MQTTProtocolVersion
 
 from devices import pki
-from devices.models import Device, DeviceCertificate
+from devices.models import Device, DeviceCertificate, DeviceType
 from devtools.services import ServerHandle, free_port, start_mosquitto
 from telemetry.models import RawStatus, TelemetryHistory, TelemetryRaw
 from tests.conftest import TenantPersona, make_device, make_device_type
@@ -248,3 +249,87 @@ def test_it_shuts_out_a_revoked_certificate_while_the_other_device_keeps_publish
     assert raw_msg_ids(platform.schema, a) == ["before-revoke"]
     # The bridge's own certificate is unaffected: it stayed subscribed through the reload.
     assert platform.pipeline.bridge.running()
+
+
+# --- Presence and feedback (issue 17) under the shipped ACL ------------------------------------
+
+
+def presence(schema: str, logical_id: str) -> tuple[bool | None, object, str]:
+    with schema_context(schema):
+        device = Device.objects.get(logical_identifier=logical_id)
+    return device.online, device.presence_since, device.last_disconnect_reason
+
+
+def publish_status(session: Session, logical_id: str, payload: bytes) -> int:
+    info = session.client.publish(f"devices/{logical_id}/status", payload, qos=1, retain=True)
+    return int(session.wait_ack(info.mid).value)
+
+
+def test_it_keeps_a_device_from_writing_another_devices_status(platform: MtlsPlatform) -> None:
+    a, b = platform.dev_a, platform.dev_b
+    b_session = platform.connect(b)
+    try:
+        assert publish_status(b_session, b, b'{"state": "online"}') == 0
+        wait_for(lambda: presence(platform.schema, b)[0] is True, what="B online")
+    finally:
+        # Gone without a word (no will, no "offline"): B's presence stays online.
+        b_session.close()
+    before = presence(platform.schema, b)
+    forged = b'{"state": "offline", "reason": "forged"}'
+    a5 = platform.connect(a, V5)
+    try:
+        assert publish_status(a5, b, forged) == NOT_AUTHORIZED
+    finally:
+        a5.close()
+    # A last will on B's topic, and an abrupt end that would fire it.
+    will = _client(platform.out / pki.CA_CERT, *platform.certificate(a), a, V311)
+    will.client.will_set(f"devices/{b}/status", forged, qos=1, retain=True)
+    will.client.connect("127.0.0.1", platform.tls_port, keepalive=30)
+    will.client.loop_start()
+    try:
+        # Mosquitto 2.0.11 accepts the CONNECT and checks the will's topic when it publishes it.
+        assert will.connected.wait(TIMEOUT), will.connect_rc
+        sock = will.client.socket()
+        assert isinstance(sock, ssl.SSLSocket)
+        sock.shutdown(socket.SHUT_RDWR)
+    finally:
+        will.client.loop_stop()
+    a311 = platform.connect(a, V311)
+    try:
+        # MQTT 3.1.1 cannot say no: acknowledged, and dropped.
+        assert publish_status(a311, b, forged) == 0
+        # Then A's own status, on the same connection: once it is stored, anything before it was too.
+        assert publish_status(a311, a, b'{"state": "online"}') == 0
+    finally:
+        a311.close()
+    wait_for(lambda: presence(platform.schema, a)[0] is True, what="A's own status")
+    time.sleep(0.5)
+    assert presence(platform.schema, b) == before
+    assert "forged" not in platform.pipeline.ingest.log()
+
+
+def test_it_answers_a_rejection_on_the_errors_topic_of_its_own_device_only(platform: MtlsPlatform) -> None:
+    a, b = platform.dev_a, platform.dev_b
+    with schema_context(platform.schema):
+        DeviceType.objects.filter(devices__logical_identifier=a).update(error_feedback=True)
+    eavesdropper = platform.connect(b, V5)
+    device = platform.connect(a, V5)
+    try:
+        # Mosquitto grants the SUBSCRIBE and enforces `read` per message (see test_pki_tls).
+        eavesdropper.client.subscribe([(f"devices/{a}/errors", 1), (f"devices/{b}/errors", 1), ("devices/+/errors", 1)])
+        eavesdropper.granted.get(timeout=TIMEOUT)
+        device.client.subscribe(f"devices/{a}/errors", qos=1)
+        assert not device.granted.get(timeout=TIMEOUT)[0].is_failure
+        assert publish(device, a, {"msg_id": "hot-1", "values": {"temperature": "hot"}}) == 0
+        answer = device.messages.get(timeout=20)
+        assert answer.topic == f"devices/{a}/errors" and answer.qos == 1 and not answer.retain
+        body = orjson.loads(answer.payload)
+        assert body["msg_id"] == "hot-1" and "temperature" in body["reason"]
+        with pytest.raises(queue.Empty):
+            eavesdropper.messages.get(timeout=1.0)
+    finally:
+        device.close()
+        eavesdropper.close()
+    with schema_context(platform.schema):
+        raw = TelemetryRaw.objects.get(logical_identifier=a)
+    assert raw.status == RawStatus.REJECTED and raw.reason == body["reason"]

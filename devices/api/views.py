@@ -30,7 +30,7 @@ class DeviceViewSet(
     mixins.UpdateModelMixin,
     viewsets.GenericViewSet[Device],
 ):
-    queryset = Device.objects.select_related("device_type", "parent_device")
+    queryset = Device.objects.with_presence().select_related("device_type", "parent_device")
     serializer_class = DeviceSerializer
     filterset_class = DeviceFilterSet
     ordering = "logical_identifier"

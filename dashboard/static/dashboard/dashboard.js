@@ -57,6 +57,21 @@
     }
   }
 
+  function presenceText(p) {
+    let text = (p.online ? "online" : "offline") + " since " + clockTime(p.since);
+    if (!p.online && p.reason) text += " (" + p.reason + ")";
+    return text;
+  }
+  function updatePresence(presence) {
+    for (const id of Object.keys(presence)) {
+      const row = document.querySelector('#devices tr[data-device="' + CSS.escape(id) + '"]');
+      if (!row) continue;
+      const cell = row.querySelector(".presence");
+      cell.textContent = presenceText(presence[id]);
+      cell.dataset.online = presence[id].online ? "true" : "false";
+    }
+  }
+
   // --- assets: score, explanation, trend -------------------------------------------------------
   function drawTrend(svg) {
     const points = (svg.dataset.points || "").split(",").filter((p) => p !== "").map(Number);
@@ -223,6 +238,7 @@
       const event = JSON.parse(message.data);
       addCounts(event);
       if (event.devices) updateDevices(event.devices);
+      if (event.presence) updatePresence(event.presence);
       if (event.health) updateHealth(event.health);
       if (event.alerts) updateAlerts(event.alerts);
     };

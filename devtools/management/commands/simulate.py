@@ -45,6 +45,12 @@ class Command(BaseCommand):
         parser.add_argument("--processes", type=int, default=1, help="Worker processes (each its own connections).")
         parser.add_argument("--qos", type=int, choices=(0, 1), default=1)
         parser.add_argument(
+            "--presence",
+            action="store_true",
+            help="mqtt/mqtts: one connection per device, each with a last will and an online message on "
+            "devices/<id>/status (docs/ingestion.md).",
+        )
+        parser.add_argument(
             "--lean",
             action="store_true",
             help="mqtt: a minimal hand-rolled publisher, far cheaper than paho (load tests).",
@@ -118,6 +124,7 @@ class Command(BaseCommand):
             shuffle_chunks=options["shuffle"],
             msg_id_prefix=options["msg_id_prefix"],
             window=options["window"],
+            presence=options["presence"],
         )
         if options["transport"] == "mqtts":
             config.tls = self._tls(devices, options)
