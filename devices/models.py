@@ -236,9 +236,10 @@ class Device(models.Model):
     # The identity as loaded from the database, so save() can tell a rename (None: unknown).
     _loaded_logical_identifier: str | None = None
 
-    # Written by ingest alone (telemetry/presence.py): a save of a copy loaded before a status
-    # arrived (the admin's form, an API PATCH) must not put the old presence back.
-    PIPELINE_FIELDS = ("online", "presence_since", "last_disconnect_reason")
+    # Written by ingest alone (telemetry/presence.py, telemetry/storage.py): a save of a copy loaded
+    # before a status or a message arrived (the admin's form, an API PATCH) must not put the old
+    # presence or the old last_seen back.
+    PIPELINE_FIELDS = ("online", "presence_since", "last_disconnect_reason", "last_seen")
 
     def save(self, *args: Any, **kwargs: Any) -> None:
         from argus.registry import registry_sync

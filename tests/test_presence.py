@@ -101,14 +101,16 @@ def test_it_stores_online_then_offline_with_its_reason_and_keeps_the_reason_when
     assert presence_of(device) == (True, t2, "connection lost")
 
 
-def test_it_keeps_presence_when_a_copy_loaded_before_it_is_saved(in_alpha: TenantPersona) -> None:
+def test_it_keeps_presence_and_last_seen_when_a_copy_loaded_before_it_is_saved(in_alpha: TenantPersona) -> None:
     device = make_device(make_device_type())
     stale = Device.objects.get(pk=device.pk)  # the admin's form, an API PATCH
     ingest_batch(messages=[status(device.logical_identifier, b"offline")], profiles=ProfileCache())
+    seen = timezone.now()
+    Device.objects.filter(pk=device.pk).update(last_seen=seen)  # as telemetry/storage.py writes it
     stale.name = "renamed"
     stale.save()
     device.refresh_from_db()
-    assert (device.name, device.online) == ("renamed", False)
+    assert (device.name, device.online, device.last_seen) == ("renamed", False, seen)
 
 
 def test_it_lets_the_newest_status_win_whatever_order_they_are_stored_in(in_alpha: TenantPersona) -> None:
