@@ -61,7 +61,6 @@ from django.db import connection, transaction  # noqa: E402
 from django_tenants.utils import schema_context  # noqa: E402
 
 from argus.celery import app as celery_app  # noqa: E402
-from argus.registry import registry_sync  # noqa: E402
 from assets.models import Alert, AlertStatus, Asset, AssetDevice, AssetType, RuleOperator, ThresholdRule  # noqa: E402
 from devices.models import Device, DeviceRole, DeviceType  # noqa: E402
 from devtools.bench import (  # noqa: E402
@@ -71,6 +70,7 @@ from devtools.bench import (  # noqa: E402
     Bench,
     BenchSettings,
     child_pids,
+    create_missing_devices,
     ensure_bench_devices,
     failures,
     human_summary,
@@ -133,21 +133,7 @@ def ensure_probes(count: int) -> Probes:
     ids = [f"{PROBE_PREFIX}{i:05d}" for i in range(count)]
     with schema_context(SCHEMA), transaction.atomic():
         device_type = DeviceType.objects.get(name=ENDPOINT_TYPE)  # ensure_bench_devices made it
-        existing = set(Device.objects.filter(logical_identifier__in=ids).values_list("logical_identifier", flat=True))
-        missing = [i for i in ids if i not in existing]
-        if missing:
-            created = Device.objects.bulk_create(
-                [
-                    Device(
-                        device_type=device_type,
-                        name=f"alert probe {i}",
-                        logical_identifier=i,
-                        device_role=DeviceRole.STANDALONE,
-                    )
-                    for i in missing
-                ]
-            )
-            registry_sync(devices=created)
+        create_missing_devices(device_type, ids, role=DeviceRole.STANDALONE, name="alert probe")
         asset_type, _ = AssetType.objects.get_or_create(
             name=ASSET_TYPE,
             defaults={

@@ -47,6 +47,7 @@ from urllib.parse import urlparse
 import paho.mqtt.client as mqtt
 from django.conf import settings
 from django.core.management import call_command
+from django.core.management.base import CommandError
 from django.db import connection, transaction
 from django_tenants.utils import schema_context
 from paho.mqtt.enums import CallbackAPIVersion
@@ -182,20 +183,42 @@ def ensure_bench_devices(bench: BenchSettings, log: Callable[[str], None]) -> li
     ids = bench_device_ids(bench)
     with schema_context(SCHEMA), transaction.atomic():
         device_type = _device_type(bench.mode)
-        existing = set(Device.objects.filter(logical_identifier__in=ids).values_list("logical_identifier", flat=True))
-        missing = [i for i in ids if i not in existing]
-        if missing:
-            role = DeviceRole.STANDALONE if bench.mode == "endpoint" else DeviceRole.GATEWAY
-            created = Device.objects.bulk_create(
-                [
-                    Device(device_type=device_type, name=f"bench {i}", logical_identifier=i, device_role=role)
-                    for i in missing
-                ]
-            )
-            # bulk_create skips Device.save(): register the ids platform-wide in one statement.
-            registry_sync(devices=created)
+        role = DeviceRole.STANDALONE if bench.mode == "endpoint" else DeviceRole.GATEWAY
+        created = create_missing_devices(device_type, ids, role=role)
+        if created:
             log(f"created {len(created)} {bench.mode} devices in tenant 'bench'")
     return ids
+
+
+def create_missing_devices(
+    device_type: DeviceType, ids: Sequence[str], *, role: str, name: str = "bench"
+) -> list[Device]:
+    """Create those of the logical ids that do not exist yet in the current schema, of the type,
+    named "<name> <id>"; return the ones it created."""
+    existing = set(Device.objects.filter(logical_identifier__in=ids).values_list("logical_identifier", flat=True))
+    missing = [i for i in ids if i not in existing]
+    if not missing:
+        return []
+    created = Device.objects.bulk_create(
+        [Device(device_type=device_type, name=f"{name} {i}", logical_identifier=i, device_role=role) for i in missing]
+    )
+    # bulk_create skips Device.save(): register the ids platform-wide in one statement.
+    registry_sync(devices=created)
+    return created
+
+
+def ensure_device_type(name: str, message_schema: dict[str, Any], **fields: Any) -> DeviceType:
+    """The tool's device type (in the current schema), created once with the fields; its message
+    schema is brought up to date when the tool's has changed."""
+    device_type = DeviceType.objects.filter(name=name).first()
+    if device_type is None:
+        device_type = DeviceType(name=name, message_schema=message_schema, **fields)
+        device_type.full_clean()
+        device_type.save()
+    elif device_type.message_schema != message_schema:
+        device_type.message_schema = message_schema
+        device_type.save(update_fields=["message_schema"])
+    return device_type
 
 
 def bench_device_ids(bench: BenchSettings) -> list[str]:
@@ -984,3 +1007,35 @@ def human_summary(report: dict[str, Any]) -> str:
 
 def report_json(report: dict[str, Any]) -> str:
     return json.dumps(report, separators=(",", ":"), sort_keys=False)
+
+
+class Runnable(Protocol):
+    def run(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+def run_and_report(
+    bench: Runnable,
+    out: Writer,
+    *,
+    summary: Callable[[dict[str, Any]], str],
+    problems_of: Callable[[dict[str, Any]], list[str]],
+) -> None:
+    """What a bench command does with its run: the summary, what failed, and last one JSON line;
+    SystemExit(1) when anything failed. ChildError (a process or server that would not start or
+    died) becomes a CommandError."""
+    try:
+        report = bench.run()
+    except ChildError as exc:
+        raise CommandError(str(exc)) from exc
+    finally:
+        bench.close()
+    out.write(summary(report))
+    problems = problems_of(report)
+    if problems:
+        out.write("FAILED: " + ", ".join(problems))
+    # The JSON object is the last line: scripts read it with `tail -n 1`.
+    out.write(report_json(report))
+    if problems:
+        raise SystemExit(1)

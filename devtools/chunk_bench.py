@@ -46,14 +46,15 @@ from django.conf import settings  # noqa: E402
 from django.db import connection, transaction  # noqa: E402
 from django_tenants.utils import schema_context  # noqa: E402
 
-from argus.registry import registry_sync  # noqa: E402
-from devices.models import Device, DeviceRole, DeviceType, ProcessingMode  # noqa: E402
+from devices.models import DeviceRole, ProcessingMode  # noqa: E402
 from devtools.bench import (  # noqa: E402
     SCHEMA,
     BenchSettings,
     child_pids,
     count_stored,
+    create_missing_devices,
     ensure_bench_devices,
+    ensure_device_type,
     ensure_tenant,
     max_raw_id,
     migrate_database,
@@ -113,35 +114,17 @@ def ensure_gateways(count: int) -> list[str]:
     ensure_tenant(SCHEMA, "Benchmark", log)
     ids = [f"BENCH-C-{i:05d}" for i in range(count)]
     with schema_context(SCHEMA), transaction.atomic():
-        device_type = DeviceType.objects.filter(name=TYPE_NAME).first()
-        if device_type is None:
-            device_type = DeviceType(
-                name=TYPE_NAME,
-                description="Created by devtools.chunk_bench",
-                processing_mode=ProcessingMode.GATEWAY_CHUNKED,
-                metrics=list(CHILD_METRICS),
-                auto_register_children=True,
-                max_children=5000,
-                max_chunks=100,
-                message_schema=MESSAGE_SCHEMA,
-            )
-            device_type.full_clean()
-            device_type.save()
-        elif device_type.message_schema != MESSAGE_SCHEMA:
-            device_type.message_schema = MESSAGE_SCHEMA
-            device_type.save(update_fields=["message_schema"])
-        existing = set(Device.objects.filter(logical_identifier__in=ids).values_list("logical_identifier", flat=True))
-        missing = [i for i in ids if i not in existing]
-        if missing:
-            created = Device.objects.bulk_create(
-                [
-                    Device(
-                        device_type=device_type, name=f"bench {i}", logical_identifier=i, device_role=DeviceRole.GATEWAY
-                    )
-                    for i in missing
-                ]
-            )
-            registry_sync(devices=created)
+        device_type = ensure_device_type(
+            TYPE_NAME,
+            MESSAGE_SCHEMA,
+            description="Created by devtools.chunk_bench",
+            processing_mode=ProcessingMode.GATEWAY_CHUNKED,
+            metrics=list(CHILD_METRICS),
+            auto_register_children=True,
+            max_children=5000,
+            max_chunks=100,
+        )
+        create_missing_devices(device_type, ids, role=DeviceRole.GATEWAY)
     return ids
 
 

@@ -53,10 +53,9 @@ django.setup()
 from django.db import connection, transaction  # noqa: E402
 from django_tenants.utils import schema_context  # noqa: E402
 
-from argus.registry import registry_sync  # noqa: E402
 from argus.runner import freeze_startup_objects  # noqa: E402
 from devices.models import Device, DeviceRole, DeviceType, ProcessingMode  # noqa: E402
-from devtools.bench import ensure_tenant, machine_description, migrate_database  # noqa: E402
+from devtools.bench import create_missing_devices, ensure_tenant, machine_description, migrate_database  # noqa: E402
 from devtools.measure import percentile  # noqa: E402
 from telemetry import selectors  # noqa: E402
 
@@ -123,21 +122,8 @@ def ensure_devices(count: int) -> list[int]:
             )
             device_type.full_clean()
             device_type.save()
-        existing = set(Device.objects.filter(logical_identifier__in=ids).values_list("logical_identifier", flat=True))
-        missing = [i for i in ids if i not in existing]
-        if missing:
-            created = Device.objects.bulk_create(
-                [
-                    Device(
-                        device_type=device_type,
-                        name=f"history bench {i}",
-                        logical_identifier=i,
-                        device_role=DeviceRole.STANDALONE,
-                    )
-                    for i in missing
-                ]
-            )
-            registry_sync(devices=created)  # bulk_create skips Device.save()
+        created = create_missing_devices(device_type, ids, role=DeviceRole.STANDALONE, name="history bench")
+        if created:
             log(f"created {len(created)} devices in tenant {SCHEMA!r}")
         return sorted(Device.objects.filter(logical_identifier__in=ids).values_list("id", flat=True))
 

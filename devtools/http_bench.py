@@ -48,10 +48,17 @@ from django.db import connection, transaction  # noqa: E402
 from django_tenants.utils import schema_context  # noqa: E402
 
 from argus.models import DeviceAPIKey  # noqa: E402
-from argus.registry import registry_sync  # noqa: E402
-from devices.models import Device, DeviceRole, DeviceType, ProcessingMode  # noqa: E402
+from devices.models import DeviceRole, ProcessingMode  # noqa: E402
 from devices.services import api_key_create  # noqa: E402
-from devtools.bench import SCHEMA, child_pids, ensure_tenant, max_raw_id, migrate_database  # noqa: E402
+from devtools.bench import (  # noqa: E402
+    SCHEMA,
+    child_pids,
+    create_missing_devices,
+    ensure_device_type,
+    ensure_tenant,
+    max_raw_id,
+    migrate_database,
+)
 from devtools.measure import DRAIN_IDLE_SECONDS, ProcSampler, percentile  # noqa: E402
 from devtools.services import free_port, start_nats  # noqa: E402
 from devtools.supervisor import Supervisor, http_ok, manage  # noqa: E402
@@ -114,35 +121,14 @@ def ensure_devices(count: int) -> list[str]:
     ensure_tenant(SCHEMA, "Benchmark", log)
     ids = [f"BENCH-H-{i:05d}" for i in range(count)]
     with schema_context(SCHEMA), transaction.atomic():
-        device_type = DeviceType.objects.filter(name=TYPE_NAME).first()
-        if device_type is None:
-            device_type = DeviceType(
-                name=TYPE_NAME,
-                description="Created by devtools.http_bench",
-                processing_mode=ProcessingMode.ENDPOINT,
-                metrics=list(METRICS),
-                message_schema=MESSAGE_SCHEMA,
-            )
-            device_type.full_clean()
-            device_type.save()
-        elif device_type.message_schema != MESSAGE_SCHEMA:
-            device_type.message_schema = MESSAGE_SCHEMA
-            device_type.save(update_fields=["message_schema"])
-        existing = set(Device.objects.filter(logical_identifier__in=ids).values_list("logical_identifier", flat=True))
-        missing = [i for i in ids if i not in existing]
-        if missing:
-            created = Device.objects.bulk_create(
-                [
-                    Device(
-                        device_type=device_type,
-                        name=f"bench {i}",
-                        logical_identifier=i,
-                        device_role=DeviceRole.STANDALONE,
-                    )
-                    for i in missing
-                ]
-            )
-            registry_sync(devices=created)
+        device_type = ensure_device_type(
+            TYPE_NAME,
+            MESSAGE_SCHEMA,
+            description="Created by devtools.http_bench",
+            processing_mode=ProcessingMode.ENDPOINT,
+            metrics=list(METRICS),
+        )
+        create_missing_devices(device_type, ids, role=DeviceRole.STANDALONE)
     return ids
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from devtools.bench import BenchRun, BenchSettings, failures, human_summary, report_json
+from devtools.bench import BenchRun, BenchSettings, failures, human_summary, run_and_report
 from devtools.supervisor import ChildError
 
 
@@ -23,17 +23,4 @@ class Command(BaseCommand):
             bench = BenchRun(BenchSettings.from_env(), self.stdout)
         except (ChildError, ValueError) as exc:
             raise CommandError(str(exc)) from exc
-        try:
-            report = bench.run()
-        except ChildError as exc:
-            raise CommandError(str(exc)) from exc
-        finally:
-            bench.close()
-        self.stdout.write(human_summary(report))
-        problems = failures(report)
-        if problems:
-            self.stdout.write("FAILED: " + ", ".join(problems))
-        # The JSON object is the last line: scripts read it with `tail -n 1`.
-        self.stdout.write(report_json(report))
-        if problems:
-            raise SystemExit(1)
+        run_and_report(bench, self.stdout, summary=human_summary, problems_of=failures)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
+from devtools.bench import run_and_report
 from devtools.fleet_bench import FleetBench, FleetSettings, failures, human_summary
-from devtools.supervisor import ChildError
 
 
 class Command(BaseCommand):
@@ -24,17 +23,4 @@ class Command(BaseCommand):
             bench = FleetBench(FleetSettings.from_env(), self.stdout)
         except ValueError as exc:
             raise CommandError(str(exc)) from exc
-        try:
-            report = bench.run()
-        except ChildError as exc:
-            raise CommandError(str(exc)) from exc
-        finally:
-            bench.close()
-        self.stdout.write(human_summary(report))
-        problems = failures(report)
-        if problems:
-            self.stdout.write("FAILED: " + ", ".join(problems))
-        # The JSON object is the last line: scripts read it with `tail -n 1`.
-        self.stdout.write(json.dumps(report, separators=(",", ":")))
-        if problems:
-            raise SystemExit(1)
+        run_and_report(bench, self.stdout, summary=human_summary, problems_of=failures)
